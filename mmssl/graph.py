@@ -1,0 +1,143 @@
+"""Sparse graph operators on the device: the observed graph and the generated modality graphs.
+
+Every operator is a torch sparse CSR matrix kept together with its transpose,
+so that ``y = M @ x`` and its backward ``dx = M^T @ dy`` are both one CSR
+product (no COO conversion, no dense user x item matrix anywhere).
+"""
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+import torch.nn.functional as F
+
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
+
+
+class _SpMM(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, mat, mat_t):
+        ctx.mat_t = mat_t
+        return torch.sparse.mm(mat, x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return torch.sparse.mm(ctx.mat_t, grad.contiguous()), None, None
+
+
+class SparseOp:
+    """A fixed sparse matrix M (rows x cols) with its transpose; ``op(x) = M @ x``, differentiable in x."""
+
+    def __init__(self, mat: torch.Tensor, mat_t: torch.Tensor):
+        self.mat, self.mat_t = mat, mat_t
+        self.shape = tuple(mat.shape)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != self.mat.dtype:
+            x = x.to(self.mat.dtype)
+        return _SpMM.apply(x, self.mat, self.mat_t)
+
+    @classmethod
+    def from_scipy(cls, m: sp.spmatrix, device: torch.device) -> "SparseOp":
+        return cls(_to_torch_csr(sp.csr_matrix(m), device), _to_torch_csr(sp.csr_matrix(m.T), device))
+
+
+def _to_torch_csr(m: sp.csr_matrix, device) -> torch.Tensor:
+    m.sort_indices()
+    return torch.sparse_csr_tensor(
+        torch.from_numpy(m.indptr.astype(np.int64)), torch.from_numpy(m.indices.astype(np.int64)),
+        torch.from_numpy(m.data.astype(np.float32)), size=m.shape, device=device)
+
+
+def _inv_sqrt(deg: np.ndarray) -> np.ndarray:
+    out = np.zeros(deg.shape, dtype=np.float64)
+    nz = deg > 0
+    out[nz] = 1.0 / np.sqrt(deg[nz])
+    return out
+
+
+def observed_operators(train: sp.csr_matrix, device) -> tuple[SparseOp, SparseOp]:
+    """The degree-normalised observed graph of eq. (2): ``(A_u, A_i)``.
+
+    A_u = D_u^{-1/2} A (users x items) and A_i = D_i^{-1/2} A^T (items x users), so that
+    f_u = A_u f̄ (Σ_{i∈N_u} f̄_i / sqrt|N_u|) and f_i = A_i f_u (Σ_{u∈N_i} f_u / sqrt|N_i|).
+    The GNN of eq. (6) propagates with the same pair.
+    """
+    a = sp.csr_matrix(train, dtype=np.float64)
+    a.data[:] = 1.0
+    du, di = np.asarray(a.sum(1)).ravel(), np.asarray(a.sum(0)).ravel()
+    a_u = sp.diags(_inv_sqrt(du)) @ a
+    a_i = sp.diags(_inv_sqrt(di)) @ a.T.tocsr()
+    return SparseOp.from_scipy(a_u, device), SparseOp.from_scipy(a_i, device)
+
+
+def batch_rows(train_t: torch.Tensor, users: torch.Tensor) -> torch.Tensor:
+    """Dense 0/1 rows A[users, :] of a torch CSR matrix, for a batch of users (B x |I|)."""
+    crow, col = train_t.crow_indices(), train_t.col_indices()
+    start, end = crow[users], crow[users + 1]
+    counts = end - start
+    row_ids = torch.repeat_interleave(torch.arange(len(users), device=users.device), counts)
+    offsets = torch.arange(int(counts.sum()), device=users.device) - torch.repeat_interleave(
+        torch.cumsum(counts, 0) - counts, counts)
+    cols = col[torch.repeat_interleave(start, counts) + offsets]
+    out = torch.zeros(len(users), train_t.shape[1], device=users.device)
+    out[row_ids, cols] = 1.0
+    return out
+
+
+def topk_count(topk_rate: float, n_items: int) -> int:
+    """k = max(1, round(rate * |I|)) neighbours per user in a generated graph."""
+    return max(1, min(n_items, int(round(topk_rate * n_items))))
+
+
+@torch.no_grad()
+def generator_graph(f_u: torch.Tensor, f_i: torch.Tensor, k: int, chunk: int = 2048) -> SparseOp:
+    """Generated modality graph G^m of eq. (3) for EVERY user: top-k items of Â^m[u,:] = cos(f_u^m, f_i^m).
+
+    Chunked over users on the device (never a dense |U| x |I| matrix). Returns the
+    normalised pair needed by eq. (4): rows ``D_u^{-1/2} G`` with each user's k items
+    (weights 1/sqrt(k)); the transpose side ``D_i^{-1/2} G^T`` is built by
+    :func:`modality_id_operators`.
+    """
+    n_users, n_items = f_u.shape[0], f_i.shape[0]
+    fu, fi = F.normalize(f_u.float(), dim=1), F.normalize(f_i.float(), dim=1)
+    cols = torch.empty(n_users, k, dtype=torch.int64, device=f_u.device)
+    for s in range(0, n_users, chunk):
+        cols[s:s + chunk] = torch.topk(fu[s:s + chunk] @ fi.T, k, dim=1).indices
+    return modality_id_operators(cols, n_items)
+
+
+def modality_id_operators(cols: torch.Tensor, n_items: int) -> SparseOp:
+    """Operators of eq. (4) from the k neighbour columns per user (``cols``: U x k).
+
+    ``op(E_items)`` gives e_u^m = Σ_{i∈N^m_u} e_i / sqrt|N^m_u| (U x d). The attribute
+    ``item_side(E_users)`` gives e_i^m = Σ_{u∈N^m_i} e_u / sqrt|N^m_i| (I x d).
+    """
+    n_users, k = cols.shape
+    device = cols.device
+    flat = cols.reshape(-1)
+    rows = torch.arange(n_users, device=device).repeat_interleave(k)
+    crow = torch.arange(0, n_users * k + 1, k, device=device)
+    sorted_cols, _ = torch.sort(cols, dim=1)
+    ones = torch.full((n_users * k,), 1.0 / math.sqrt(k), device=device)
+    g_u = torch.sparse_csr_tensor(crow, sorted_cols.reshape(-1), ones, size=(n_users, n_items))
+    # item side: transpose, normalised by item in-degree
+    deg_i = torch.bincount(flat, minlength=n_items).float()
+    order = torch.argsort(flat * n_users + rows)
+    t_rows, t_cols = flat[order], rows[order]
+    t_crow = torch.zeros(n_items + 1, dtype=torch.int64, device=device)
+    t_crow[1:] = torch.cumsum(torch.bincount(t_rows, minlength=n_items), 0)
+    vals_i = deg_i.clamp(min=1).rsqrt()[t_rows]
+    g_i = torch.sparse_csr_tensor(t_crow, t_cols, vals_i, size=(n_items, n_users))
+    # transposes for the backward passes
+    g_u_t = torch.sparse_csr_tensor(t_crow, t_cols, ones, size=(n_items, n_users))
+    g_i_t = torch.sparse_csr_tensor(crow, sorted_cols.reshape(-1), deg_i.clamp(min=1).rsqrt()[sorted_cols.reshape(-1)],
+                                    size=(n_users, n_items))
+    op = SparseOp(g_u, g_u_t)
+    op.item_side = SparseOp(g_i, g_i_t)
+    op.cols = cols
+    return op

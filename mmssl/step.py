@@ -1,0 +1,132 @@
+"""One training batch of MMSSL: sampling, the single forward pass, the D step and the G step.
+
+``train_step`` is the whole method for one batch, top to bottom:
+
+1. one forward pass with gradients (eqs. 1-7; generated graphs rebuilt every T batches);
+2. BPR, InfoNCE (λ2, τ'), L2 (λ4) on the batch;
+3. fake rows Â^m[u,:] (with gradients) and real rows Ã[u,:] (detached, τ, ζ);
+4. D step on the detached rows: L_D with the gradient penalty (λ1);
+5. G step: L = L_BPR + λ2 L_CL + λ3 L_G + λ4 ||E_batch||^2, one backward, one optimizer step.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections import defaultdict
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from mmssl.config import Config
+from mmssl.graph import batch_rows
+from mmssl.losses import (bpr_loss, discriminator_loss, fake_rows, generator_loss, gumbel_real_rows, info_nce,
+                          l2_penalty)
+
+LOSS_TERMS = ("train/loss", "train/loss_bpr", "train/loss_cl", "train/loss_g", "train/loss_d", "train/loss_reg")
+
+
+class PhaseTimer:
+    """Wall time per named phase (synchronising CUDA around each phase when enabled)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = torch.device(device).type == "cuda"
+        self.totals: dict[str, float] = defaultdict(float)
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        if self.cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        yield
+        if self.cuda:
+            torch.cuda.synchronize()
+        self.totals[name] += time.perf_counter() - t0
+
+
+def no_timer(name: str):
+    """The default phase timer: does nothing (no device syncs in the training loop)."""
+    return contextlib.nullcontext()
+
+
+class BatchSampler:
+    """Batches of distinct users with one train positive and one uniform negative each.
+
+    An epoch is ceil(|train| / batch_size) batches, so that it sees as many positives
+    as there are train interactions. All randomness comes from ``rng`` (a numpy
+    Generator whose state is checkpointed).
+    """
+
+    def __init__(self, train: sp.csr_matrix, batch_size: int, rng: np.random.Generator):
+        self.indptr, self.indices = train.indptr.astype(np.int64), train.indices.astype(np.int64)
+        self.n_items = train.shape[1]
+        self.deg = np.diff(self.indptr)
+        self.active = np.flatnonzero(self.deg > 0)
+        self.batch = min(batch_size, len(self.active))
+        self.n_batches = max(1, math.ceil(train.nnz / batch_size))
+        rows = np.repeat(np.arange(train.shape[0], dtype=np.int64), self.deg)
+        self.keys = rows * self.n_items + self.indices          # sorted: CSR with sorted indices
+        self.rng = rng
+
+    def sample(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        rng = self.rng
+        users = rng.choice(self.active, size=self.batch, replace=False)
+        pos = self.indices[self.indptr[users] + (rng.random(self.batch) * self.deg[users]).astype(np.int64)]
+        neg = rng.integers(0, self.n_items, self.batch)
+        bad = self._observed(users, neg)
+        while bad.any():
+            neg[bad] = rng.integers(0, self.n_items, int(bad.sum()))
+            bad[bad] = self._observed(users[bad], neg[bad])
+        return users, pos, neg
+
+    def _observed(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
+        keys = users * self.n_items + items
+        at = np.searchsorted(self.keys, keys).clip(max=len(self.keys) - 1)
+        return self.keys[at] == keys
+
+
+def train_step(model, disc, opt, opt_d, train_t: torch.Tensor, users, pos, neg, cfg: Config,
+               rebuild: bool, timer=no_timer) -> torch.Tensor:
+    """One batch (see the module docstring). Returns the detached loss terms in LOSS_TERMS order."""
+    zero = torch.zeros((), device=users.device)
+    mods = model.modalities
+    adversarial = cfg.adversarial and disc is not None and bool(mods)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.amp and users.device.type == "cuda")
+
+    with timer("forward"):
+        views = model.modality_views()
+    if rebuild and mods:
+        with timer("rebuild"):
+            model.rebuild_graphs(views)
+    with timer("forward"):
+        out = model.propagate(views)
+        h_u, h_p, h_n = out.h_user[users], out.h_item[pos], out.h_item[neg]
+        loss_bpr = bpr_loss(h_u, h_p, h_n)
+        loss_reg = l2_penalty(model.user_emb[users], model.item_emb[pos], model.item_emb[neg])
+        loss_cl = zero
+        if cfg.contrastive and mods:
+            loss_cl = sum(info_nce(h_u, out.e_user_mod[m][users], cfg.cl_tau) for m in mods)
+        if adversarial:
+            with amp:
+                observed = batch_rows(train_t, users)
+                fake = torch.cat([fake_rows(views.f_user[m][users], views.f_item[m], observed) for m in mods])
+                real = gumbel_real_rows(observed, h_u, out.h_item, cfg.gumbel_tau, cfg.aug_weight,
+                                        gumbel=cfg.gumbel, augment=cfg.augment)
+    loss_d = loss_g = zero
+    if adversarial:
+        with timer("d_step"), amp:
+            opt_d.zero_grad(set_to_none=True)
+            loss_d = discriminator_loss(disc, real.detach(), fake.detach(), cfg.gp_weight)
+            loss_d.backward()
+            opt_d.step()
+        with timer("g_step"), amp:
+            disc.requires_grad_(False)
+            loss_g = generator_loss(disc, fake)
+            disc.requires_grad_(True)
+    with timer("g_step"):
+        loss = loss_bpr + cfg.cl_weight * loss_cl + cfg.adv_weight * loss_g + cfg.l2_weight * loss_reg
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return torch.stack([loss, loss_bpr, loss_cl, loss_g, loss_d, loss_reg]).detach().float()

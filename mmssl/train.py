@@ -1,0 +1,206 @@
+"""Train and evaluate MMSSL: ``fit`` (the API a tuner wraps) and the ``python -m mmssl.train`` CLI.
+
+    python -m mmssl.train --out runs/demo                       # embedded synthetic data, CPU ok
+    python -m mmssl.train --data ../shared/data/tiktok --out runs/tiktok --set adversarial=false
+    python -m mmssl.train --resume runs/demo                    # continue an interrupted run exactly
+    python -m mmssl.train --smoke-test --out /tmp/smoke         # seconds on a CPU
+
+Model selection is on ``val/recall@20`` with early stopping (``patience``); the test
+split is evaluated once, at the selected epoch.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from mmssl.config import Config
+from mmssl.data import Dataset
+from mmssl.errors import ConfigError, DivergedError
+from mmssl.graph import SparseOp, _to_torch_csr, observed_operators
+from mmssl.metrics import evaluate
+from mmssl.model import MMSSL, Discriminator
+from mmssl.step import LOSS_TERMS, BatchSampler, no_timer, train_step
+
+SELECT = "val/recall@20"
+# keys that may differ between a checkpoint's config and the resuming config
+RESUME_FREE = {"epochs", "patience", "device", "eval_chunk", "amp"}
+OnEpoch = Callable[[int, dict[str, float], Callable[[Any], Path]], None]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"config: device '{name}' requested but CUDA is not available")
+    return torch.device(name)
+
+
+class Run:
+    """Everything one training run holds: model, discriminator, optimizers, sampler, progress."""
+
+    def __init__(self, cfg: Config, data: Dataset, device: torch.device):
+        self.cfg, self.data, self.device = cfg, data, device
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        a_u, a_i = observed_operators(data.train, device)
+        feats = {m: torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(device)
+                 for m, x in data.features.items()}
+        self.model = MMSSL(data.n_users, data.n_items, feats, a_u, a_i, cfg).to(device)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr)
+        self.disc = self.opt_d = None
+        if cfg.adversarial and feats:
+            self.disc = Discriminator(data.n_items, cfg.d_dropout1, cfg.d_dropout2).to(device)
+            self.opt_d = torch.optim.Adam(self.disc.parameters(), lr=cfg.lr_d, betas=(0.5, 0.9))
+        self.train_t = _to_torch_csr(data.train.tocsr(), device)
+        self.sampler = BatchSampler(data.train, cfg.batch_size, np.random.default_rng(cfg.seed))
+        self.epoch, self.step = 0, 0
+        self.best, self.best_epoch, self.bad_epochs = -1.0, 0, 0
+        self.best_state: dict[str, Any] | None = None
+        self.history: list[dict[str, float]] = []
+        self.seconds = 0.0
+
+    # -- one epoch ------------------------------------------------------------
+    def train_epoch(self, timer=no_timer, progress: bool = False) -> dict[str, float]:
+        self.model.train()
+        if self.disc is not None:
+            self.disc.train()
+        sums = torch.zeros(len(LOSS_TERMS), device=self.device)
+        n = self.sampler.n_batches
+        for _ in tqdm(range(n), desc=f"epoch {self.epoch + 1}", leave=False, disable=not progress, unit="batch"):
+            users, pos, neg = (torch.from_numpy(a).to(self.device) for a in self.sampler.sample())
+            rebuild = self.step % self.cfg.refresh_every == 0
+            sums += train_step(self.model, self.disc, self.opt, self.opt_d, self.train_t, users, pos, neg,
+                               self.cfg, rebuild, timer)
+            self.step += 1
+        self.epoch += 1
+        means = dict(zip(LOSS_TERMS, (sums / n).tolist()))        # the epoch's one host sync
+        for term in LOSS_TERMS[1:] + LOSS_TERMS[:1]:
+            if not np.isfinite(means[term]):
+                raise DivergedError(self.epoch, term, means[term])
+        return means
+
+    @torch.no_grad()
+    def evaluate(self, split: str) -> dict[str, float]:
+        """Full-ranking metrics on ``val`` (train excluded) or ``test`` (train and val excluded)."""
+        self.model.eval()
+        out = self.model()  # builds the generated graphs only if none exist yet
+        self.model.train()
+        d = self.data
+        exclude, truth = ([d.train], d.val) if split == "val" else ([d.train, d.val], d.test)
+        return evaluate(out.h_user, out.h_item, exclude, truth, chunk_size=self.cfg.eval_chunk, prefix=f"{split}/")
+
+    # -- best-model tracking and checkpoints ---------------------------------
+    def record(self, metrics: dict[str, float]) -> bool:
+        value = metrics[SELECT]
+        improved = np.isfinite(value) and value > self.best
+        if improved:
+            self.best, self.best_epoch, self.bad_epochs = value, self.epoch, 0
+            self.best_state = {"model": copy.deepcopy(self.model.state_dict()),
+                               "graphs": self.model.graph_state(), "metrics": dict(metrics)}
+        else:
+            self.bad_epochs += 1
+        return improved
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(), "graphs": self.model.graph_state(),
+            "optimizer": self.opt.state_dict(),
+            "discriminator": self.disc.state_dict() if self.disc is not None else None,
+            "optimizer_d": self.opt_d.state_dict() if self.opt_d is not None else None,
+            "epoch": self.epoch, "step": self.step, "best_metric": self.best, "best_epoch": self.best_epoch,
+            "bad_epochs": self.bad_epochs, "best_state": self.best_state, "history": self.history,
+            "seconds": self.seconds, "config": self.cfg.to_dict(),
+            "rng": {"torch": torch.get_rng_state(), "numpy": self.sampler.rng.bit_generator.state,
+                    "python": random.getstate(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+        }
+
+    def save(self, directory) -> Path:
+        """Write ``directory/checkpoint.pt`` atomically; returns its path."""
+        path = Path(directory) / "checkpoint.pt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".pt.tmp")
+        torch.save(self.state_dict(), tmp)
+        os.replace(tmp, path)
+        return path
+
+    def load(self, source) -> None:
+        path = Path(source)
+        path = path / "checkpoint.pt" if path.is_dir() else path
+        if not path.is_file():
+            raise ConfigError(f"{path}: no checkpoint to resume from")
+        ck = torch.load(path, map_location=self.device, weights_only=False)
+        diff = sorted(k for k, v in ck["config"].items() if k not in RESUME_FREE and self.cfg.to_dict().get(k) != v)
+        if diff:
+            raise ConfigError(f"{path}: checkpoint was trained with a different config ({', '.join(diff)})")
+        self.model.load_state_dict(ck["model"])
+        self.model.load_graph_state(ck["graphs"])
+        self.opt.load_state_dict(ck["optimizer"])
+        if self.disc is not None:
+            self.disc.load_state_dict(ck["discriminator"])
+            self.opt_d.load_state_dict(ck["optimizer_d"])
+        for key in ("epoch", "step", "bad_epochs", "best_state", "history", "seconds", "best_epoch"):
+            setattr(self, key, ck[key])
+        self.best = ck["best_metric"]
+        torch.set_rng_state(ck["rng"]["torch"].cpu())
+        self.sampler.rng.bit_generator.state = ck["rng"]["numpy"]
+        random.setstate(ck["rng"]["python"])
+        if ck["rng"]["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([s.cpu() for s in ck["rng"]["cuda"]])
+
+    def done(self) -> bool:
+        return self.epoch >= self.cfg.epochs or (self.cfg.patience > 0 and self.bad_epochs >= self.cfg.patience)
+
+
+def fit(config: Config, data: Dataset, on_epoch: OnEpoch | None = None, resume_from=None,
+        timer=no_timer, progress: bool = False) -> dict[str, Any]:
+    """Train MMSSL on ``data`` with ``config``; returns the result dict.
+
+    ``on_epoch(epoch, metrics, save_checkpoint)`` is called after each epoch's
+    validation; ``save_checkpoint(directory)`` writes ``directory/checkpoint.pt``.
+    ``resume_from`` (a checkpoint file or its directory) continues a run exactly.
+    Raises :class:`DivergedError` when a loss term turns NaN/inf.
+    """
+    device = resolve_device(config.device)
+    data = data.select_modalities(config.modalities)
+    run = Run(config, data, device)
+    if resume_from is not None:
+        run.load(resume_from)
+    t0 = time.perf_counter() - run.seconds
+    while not run.done():
+        t_epoch = time.perf_counter()
+        metrics: dict[str, float] = {"epoch": run.epoch + 1}
+        metrics.update(run.train_epoch(timer, progress))
+        with timer("evaluate"):
+            metrics.update(run.evaluate("val"))
+        metrics["time/epoch_s"] = time.perf_counter() - t_epoch
+        run.record(metrics)
+        metrics["best/val/recall@20"], metrics["best/epoch"] = run.best, run.best_epoch
+        run.history.append(metrics)
+        run.seconds = time.perf_counter() - t0
+        if on_epoch is not None:
+            on_epoch(run.epoch, metrics, run.save)
+    result: dict[str, Any] = {"best_epoch": run.best_epoch, "epochs_run": run.epoch,
+                              "stopped_early": run.epoch < config.epochs}
+    if run.best_state is not None:
+        run.model.load_state_dict(run.best_state["model"])
+        run.model.load_graph_state(run.best_state["graphs"])
+        result.update({k: v for k, v in run.best_state["metrics"].items() if k.startswith("val/")})
+    result.update(run.evaluate("test"))
+    result["seconds"] = time.perf_counter() - t0
+    result["config"] = config.to_dict()
+    return result
+
+
+if __name__ == "__main__":
+    from mmssl.train_cli import main_entry
+
+    raise SystemExit(main_entry())
