@@ -1,0 +1,145 @@
+"""The prune-aware OptunaSearch, driven directly with fake Ray results (no training, no Ray cluster)."""
+from __future__ import annotations
+
+import pytest
+from optuna.distributions import FloatDistribution, IntDistribution
+from optuna.trial import TrialState
+from ray.tune.search.optuna import OptunaSearch
+
+from tune.searcher import PruneAwareOptunaSearch, load_study
+
+METRIC = "best/val/recall@20"
+SPACE = {"cl_weight": FloatDistribution(1e-3, 1.0, log=True), "n_layers": IntDistribution(1, 3)}
+
+
+def results(values, finished_last=False, start=1):
+    out = []
+    for i, v in enumerate(values):
+        r = {"epoch": start + i, "training_iteration": start + i, METRIC: v, "trial/finished": 0.0}
+        out.append(r)
+    if finished_last:
+        out[-1]["trial/finished"] = 1.0
+    return out
+
+
+def drive(searcher, trial_id, rs, complete_with_last=True, error=False, stopped_by_scheduler=False):
+    """Mimic TuneController: results go to on_trial_result, except the one a scheduler STOPs on."""
+    assert searcher.suggest(trial_id) is not None
+    shown = rs[:-1] if stopped_by_scheduler else rs
+    for r in shown:
+        searcher.on_trial_result(trial_id, dict(r))
+    last = dict(rs[-1], done=True) if (rs and complete_with_last) else None
+    searcher.on_trial_complete(trial_id, result=last, error=error)
+
+
+@pytest.fixture
+def searcher(tmp_path):
+    return PruneAwareOptunaSearch(SPACE, metric=METRIC, mode="max", seed=3,
+                                  storage_path=tmp_path / "study.db", study_name="t", n_startup_trials=2)
+
+
+def frozen(searcher, trial_id):
+    (t,) = [t for t in searcher.study.get_trials() if t.user_attrs.get("ray_trial_id") == trial_id]
+    return t
+
+
+def test_scheduler_stopped_trial_is_pruned_with_intermediate_values(searcher):
+    drive(searcher, "a", results([0.1, 0.2, 0.15]), stopped_by_scheduler=True)
+    t = frozen(searcher, "a")
+    assert t.state == TrialState.PRUNED
+    # the rung result that triggered the stop (never passed to on_trial_result) is kept too
+    assert t.intermediate_values == {1: 0.1, 2: 0.2, 3: 0.15}
+    assert t.value == pytest.approx(0.15)  # Optuna: a pruned trial's value is its last intermediate
+    assert t.user_attrs["outcome"] == "stopped_early"
+    assert searcher.outcomes["a"][0] == "stopped_early"
+
+
+def test_finished_at_max_epochs_is_complete(searcher):
+    # at max_t ASHA also says STOP; the trainable's flag on that report makes it COMPLETE
+    drive(searcher, "b", results([0.1, 0.3, 0.4], finished_last=True), stopped_by_scheduler=True)
+    t = frozen(searcher, "b")
+    assert t.state == TrialState.COMPLETE
+    assert t.value == pytest.approx(0.4)
+    assert t.intermediate_values == {1: 0.1, 2: 0.3, 3: 0.4}
+
+
+def test_patience_early_stop_is_complete(searcher):
+    # fit stopped itself; the trainable sends one more report (same epoch) flagged finished
+    rs = results([0.3, 0.25, 0.2])
+    rs.append(dict(rs[-1], **{"trial/finished": 1.0, "training_iteration": 4}))
+    drive(searcher, "c", rs)
+    t = frozen(searcher, "c")
+    assert t.state == TrialState.COMPLETE and t.value == pytest.approx(0.2)
+    assert t.intermediate_values == {1: 0.3, 2: 0.25, 3: 0.2}  # the repeated epoch is not duplicated
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), None])
+def test_nan_or_missing_metric_is_fail(searcher, bad):
+    rs = results([0.1, 0.2], finished_last=True)
+    if bad is None:
+        del rs[-1][METRIC]
+    else:
+        rs[-1][METRIC] = bad
+    drive(searcher, "d", rs)
+    t = frozen(searcher, "d")
+    assert t.state == TrialState.FAIL and t.value is None
+    assert t.intermediate_values == {1: 0.1}  # the NaN epoch is not reported
+    assert METRIC in t.user_attrs["reason"]
+
+
+def test_error_is_fail(searcher):
+    drive(searcher, "e", results([0.1, 0.2]), complete_with_last=False, error=True)
+    t = frozen(searcher, "e")
+    assert t.state == TrialState.FAIL
+    assert t.user_attrs["outcome"] == "failed"
+    assert t.intermediate_values == {1: 0.1, 2: 0.2}
+
+
+def test_stock_searcher_would_say_complete(tmp_path):
+    """The defect this class exists for: Ray's OptunaSearch tells COMPLETE for an ASHA-stopped trial."""
+    stock = OptunaSearch(SPACE, metric=METRIC, mode="max", seed=3)
+    rs = results([0.1, 0.2, 0.15])
+    stock.suggest("x")
+    for r in rs[:-1]:
+        stock.on_trial_result("x", r)
+    stock.on_trial_complete("x", result=dict(rs[-1], done=True))
+    assert stock._ot_study.get_trials()[0].state == TrialState.COMPLETE
+
+
+def test_study_persisted_and_study_continues_after_failures(searcher, tmp_path):
+    drive(searcher, "f1", results([0.1]), complete_with_last=False, error=True)
+    drive(searcher, "f2", results([0.2, 0.3], finished_last=True))
+    drive(searcher, "f3", results([0.05, 0.01]), stopped_by_scheduler=True)
+    drive(searcher, "f4", results([0.5], finished_last=True))  # TPE still suggests after FAIL/PRUNED
+    study = load_study(tmp_path / "study.db", study_name="t")
+    states = [t.state for t in study.get_trials()]
+    assert states == [TrialState.FAIL, TrialState.COMPLETE, TrialState.PRUNED, TrialState.COMPLETE]
+    assert study.best_value == pytest.approx(0.5)
+    assert all(set(t.params) == set(SPACE) for t in study.get_trials())
+
+
+def test_seeded_sampler_is_reproducible(tmp_path):
+    def params(seed, name):
+        s = PruneAwareOptunaSearch(SPACE, metric=METRIC, seed=seed, storage_path=tmp_path / f"{name}.db")
+        return [s.suggest(f"t{i}") for i in range(3)]
+    assert params(7, "a") == params(7, "b")
+    assert params(7, "c") != params(8, "d")
+
+
+def test_restore_reopens_the_study_from_storage(searcher, tmp_path):
+    drive(searcher, "g1", results([0.2, 0.3], finished_last=True))
+    searcher.suggest("g2")
+    searcher.on_trial_result("g2", results([0.1])[0])
+    searcher.save(str(tmp_path / "searcher.pkl"))
+
+    fresh = PruneAwareOptunaSearch(SPACE, metric=METRIC, seed=3, storage_path=tmp_path / "other.db",
+                                   study_name="t")
+    fresh.restore(str(tmp_path / "searcher.pkl"))
+    assert fresh._storage_path == str(tmp_path / "study.db")
+    # the running trial continues in the same Optuna trial, with its earlier values
+    fresh.on_trial_result("g2", results([0.1, 0.25])[1])
+    fresh.on_trial_complete("g2", result=dict(results([0.1, 0.25, 0.05])[2]), error=False)
+    t = [t for t in load_study(tmp_path / "study.db", "t").get_trials()
+         if t.user_attrs.get("ray_trial_id") == "g2"][0]
+    assert t.state == TrialState.PRUNED and t.intermediate_values == {1: 0.1, 2: 0.25, 3: 0.05}
+    assert fresh.study.best_value == pytest.approx(0.3)
