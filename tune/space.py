@@ -134,7 +134,7 @@ class Space:
             fixed[key] = value
             params.pop(key, None)
         if max_epochs is not None:
-            fixed["epochs"] = max_epochs
+            fixed["epochs"] = _number(max_epochs, "int", f"{self.path}: --max-epochs")
         kw["fixed"] = _check_fixed(fixed, f"{self.path} (with --set/--max-epochs)")
         if not params:
             raise ConfigError(f"{self.path}: --set pinned every searched hyperparameter; nothing left to search")

@@ -1,0 +1,189 @@
+"""Hyperparameter search for MMSSL: Ray Tune + Optuna TPE + ASHA, then a seeded re-training.
+
+Run from the repository root::
+
+    python tune/search.py --smoke-test                                   # ~2 min on 2 CPUs
+    python tune/search.py --space configs/space.yaml --data ../shared/data/tiktok \\
+        --set adversarial=false --num-samples 16 --max-epochs 40         # CPU-sized TikTok
+    python tune/search.py --space configs/space.yaml --gpus-per-trial 0.5 --max-concurrent 2
+    python tune/search.py --resume --out runs/search --name mmssl-search  # continue after a crash/Ctrl-C
+
+The space file (see ``tune/space.py``) names the data, the fixed settings, the searched
+hyperparameters and the budget; flags override it. Everything is validated before Ray
+starts: a bad file or flag is one line on stderr and exit status 2.
+
+Each trial is ``mmssl.train.fit`` reporting every epoch to Tune; ASHA
+(``time_attr="epoch"``) stops weak trials at its rungs; a prune-aware OptunaSearch
+(seeded TPE, study in ``OUT/NAME/study.db``) tells Optuna PRUNED / COMPLETE / FAIL.
+The best trial (by the validation metric) is then re-trained with ``final.seeds``
+seeds at the full budget, each evaluated once on test. Outputs in ``OUT/NAME/``:
+``trials.csv``/``.parquet``, ``curves.parquet``, ``best.json``, ``study.db``,
+``summary.md``, ``search.json`` (the resolved settings) and Ray's experiment state.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+if __name__ == "__main__":  # run as a script: import the repo's packages, not tune/*.py as top-level modules
+    _here = str(Path(__file__).resolve().parent)
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mmssl.cli import run_main  # noqa: E402
+from mmssl.errors import ConfigError  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_SPACE = REPO / "configs" / "space.yaml"
+# --smoke-test: the space's search section on small synthetic data with a tiny budget
+SMOKE = dict(data="synthetic:300x200", num_samples=6, max_epochs=8, grace_period=1, reduction_factor=2,
+             max_concurrent=2, cpus_per_trial=1, gpus_per_trial=0, checkpoint_every=2, final_seeds=2,
+             n_startup_trials=3,
+             sets=["embed_dim=32", "batch_size=128", "patience=3", "eval_chunk=512"])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="tune/search.py", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Flags override the space file. Exit status: 0 ok, 2 bad input (nothing started), 130 interrupted.")
+    p.add_argument("--space", metavar="FILE", help=f"search-space YAML (default with --smoke-test: {DEFAULT_SPACE.relative_to(REPO)}; "
+                   "with --resume: the copy saved in OUT/NAME/search.json)")
+    p.add_argument("--data", metavar="DIR", help="'synthetic' or a data directory (either layout); overrides 'data'")
+    p.add_argument("--subset-users", type=int, metavar="N", help="search on a random subset of N users (cheap CPU runs)")
+    p.add_argument("--out", metavar="DIR", help="parent folder of the experiment (default: the file's 'out', runs/search)")
+    p.add_argument("--name", help="experiment name; outputs go to OUT/NAME (default: the file's 'name')")
+    p.add_argument("--num-samples", type=int, metavar="N", help="number of trials (budget.num_samples)")
+    p.add_argument("--max-epochs", type=int, metavar="E", help="epochs of a full trial = ASHA's max_t (fixed.epochs)")
+    p.add_argument("--cpus-per-trial", type=float, metavar="C", help="CPUs per trial; also torch's thread count")
+    p.add_argument("--gpus-per-trial", type=float, metavar="G", help="GPUs per trial (fractions share a GPU); 0 = CPU")
+    p.add_argument("--max-concurrent", type=int, metavar="K", help="trials running at once")
+    p.add_argument("--seed", type=int, metavar="S", help="seed of the TPE sampler (trials train with fixed.seed)")
+    p.add_argument("--final-seeds", type=int, metavar="N", help="seeds for re-training the best config (final.seeds); 0 = skip")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="fix a config key (aliases ok), e.g. --set adversarial=false; a searched key is pinned. Repeatable")
+    p.add_argument("--address", metavar="ADDR", help="connect to a running Ray cluster (e.g. auto or ray://host:10001) "
+                   "instead of starting a private local one; OUT must then be on storage all nodes share")
+    p.add_argument("--resume", action="store_true", help="continue the experiment in OUT/NAME: finished trials kept, "
+                   "unfinished ones resumed from their checkpoints, the Optuna study reloaded; failed trials stay failed")
+    p.add_argument("--smoke-test", action="store_true", help="small synthetic data (300 users x 200 items), 6 trials "
+                   "of at most 8 epochs, ASHA grace 1 / factor 2, 2 final seeds: about 2 minutes on 2 CPUs")
+    return p
+
+
+def resolve(args: argparse.Namespace):
+    """The validated Space for this run (file + smoke settings + flags) and the experiment folder."""
+    from tune.space import Space, load_space
+
+    if args.resume:
+        defaults = load_space(args.space) if args.space else Space(path="", params={})
+        exp_dir = Path(args.out or defaults.out) / (args.name or defaults.name)
+        saved = exp_dir / "search.json"
+        if not saved.is_file():
+            raise ConfigError(f"--resume: {saved} not found (give the --out/--name of an existing experiment)")
+        d = json.loads(saved.read_text())
+        path = args.space or d["path"]
+        if not Path(path).is_file():
+            raise ConfigError(f"--resume: the space file {path} recorded in {saved} is gone; pass --space")
+        return load_space(path).override(**d["overrides"]), d["overrides"], exp_dir
+    path = args.space or (str(DEFAULT_SPACE) if args.smoke_test else None)
+    if not path:
+        raise ConfigError("--space FILE is required (or --smoke-test, or --resume)")
+    space: Space = load_space(path)
+    overrides: dict = dict(SMOKE, name=time.strftime("smoke-%Y%m%d-%H%M%S")) if args.smoke_test else {}
+    flags = {"data": args.data, "subset_users": args.subset_users, "out": args.out, "name": args.name,
+             "num_samples": args.num_samples, "max_epochs": args.max_epochs, "cpus_per_trial": args.cpus_per_trial,
+             "gpus_per_trial": args.gpus_per_trial, "max_concurrent": args.max_concurrent, "seed": args.seed,
+             "final_seeds": args.final_seeds}
+    overrides.update({k: v for k, v in flags.items() if v is not None})
+    overrides["sets"] = list(overrides.get("sets", [])) + list(args.set)
+    space = space.override(**overrides)
+    return space, overrides, Path(space.out) / space.name
+
+
+def load_data(space):
+    """The data set of this search (loaded once, by the driver)."""
+    from mmssl.data import load
+    from mmssl.synthetic import make_dataset
+
+    if space.data.startswith("synthetic:"):
+        users, _, items = space.data.split(":", 1)[1].partition("x")
+        data = make_dataset(n_users=int(users), n_items=int(items), seed=space.seed)
+    else:
+        data = load(space.data)
+    if space.subset_users:
+        data = data.subset_users(space.subset_users, seed=space.seed)
+    return data
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    space, overrides, exp_dir = resolve(args)
+    if not args.resume and (exp_dir / "search.json").exists():
+        raise ConfigError(f"{exp_dir} already holds an experiment; use --resume, or another --name/--out")
+    data = load_data(space)  # DataError -> one line, exit 2, before Ray starts
+    print(f"data: {data.summary()}", flush=True)
+    exp_dir = exp_dir.resolve()
+    t0 = time.time()
+
+    import optuna  # heavy imports only once the input is known to be good
+    from tune import results as res
+    from tune.runner import STUDY_FILE, STUDY_NAME, Progress, make_tuner, ray_session, restore_tuner, run_final
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    with ray_session(address=args.address):
+        if args.resume:
+            tuner = restore_tuner(space, data, exp_dir)
+        else:
+            tuner, _ = make_tuner(space, data, exp_dir, callbacks=[Progress(space)])
+            (exp_dir / "search.json").write_text(json.dumps(
+                {"path": os.path.abspath(space.path), "overrides": overrides, "space": space.to_dict()},
+                indent=1, default=str))
+        print(f"search: {space.num_samples} trials x <= {space.max_epochs} epochs, "
+              f"ASHA grace {space.grace_period} / factor {space.reduction_factor:g}, -> {exp_dir}", flush=True)
+        grid = tuner.fit()
+        wall_search = time.time() - t0
+        finished = res.count_finished(grid)
+        if finished < space.num_samples:  # Ctrl-C / SIGTERM: Ray saved the state and returned
+            print(f"{Path(sys.argv[0]).name}: interrupted with {finished}/{space.num_samples} trials finished; "
+                  f"continue with: python tune/search.py --resume --out {exp_dir.parent} --name {exp_dir.name}",
+                  file=sys.stderr)
+            return 130
+        study = optuna.load_study(study_name=STUDY_NAME, storage=f"sqlite:///{exp_dir / STUDY_FILE}")
+        trials, curves = res.collect(grid, space, study)
+        top = res.pick_best(trials)
+        best: dict = {"metric": space.metric, "data": space.data, "subset_users": space.subset_users,
+                      "experiment": str(exp_dir)}
+        finals: list = []
+        t1 = time.time()
+        if top is not None:
+            params = {k: _plain(top[k]) for k in space.params}
+            config = {**space.base_config(), **params}
+            val = {k: float(top[k]) for k in trials.columns if k.startswith("val/")}
+            best.update(trial_id=top["trial_id"], status=top["status"], best_epoch=int(top["best_epoch"]),
+                        params=params, config=config, val=val)
+            if space.final_seeds:
+                print(f"final: re-training trial {top['trial_id']} with seeds {list(space.final_seeds)}", flush=True)
+                finals = run_final(space, config, data, exp_dir / "final")
+            best["final"] = res.final_table(finals)
+        ledger = res.cost_ledger(trials, space, wall_search, time.time() - t1, finals)
+        md = res.write_outputs(exp_dir, space, trials, curves, best, ledger)
+    print("\n" + md, flush=True)
+    if top is None:
+        print(f"{Path(sys.argv[0]).name}: error: every trial failed (see {exp_dir / 'trials.csv'}, "
+              "column 'reason')", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _plain(v):
+    """numpy scalars -> Python (for Config and JSON)."""
+    return v.item() if hasattr(v, "item") else v
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))

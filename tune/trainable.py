@@ -1,0 +1,142 @@
+"""The Ray Tune trainable: a thin wrapper of ``mmssl.train.fit``.
+
+One trial = one ``fit`` call. After every epoch it calls ``ray.tune.report`` with the
+epoch's metrics (``epoch``, ``train/*``, ``val/*``, ``time/epoch_s``) plus
+
+* ``best/<metric>`` and ``best/epoch``: the searched metric at fit's selected epoch
+  (the best ``val/recall@20`` so far), the value ASHA and Optuna compare;
+* ``trial/finished``: 1 on the report of the last epoch (``epoch == config.epochs``)
+  and on one extra report sent after fit stopped itself (patience). A trial whose
+  last report lacks it was stopped by the scheduler (see ``tune.searcher``).
+
+Every ``checkpoint_every`` epochs the report carries a ``ray.tune.Checkpoint`` of
+fit's exact resume state; a restarted trial resumes from ``ray.tune.get_checkpoint()``.
+The data set comes in once through ``tune.with_parameters`` (object store), torch
+uses the trial's CPUs, and the device follows Ray's GPU assignment.
+
+A diverged trial raises ``DivergedError`` (one line, e.g. ``training diverged at
+epoch 3: train/loss_d = nan``); Ray marks the trial ERROR and the search goes on.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import ray
+import torch
+from ray import tune
+
+from mmssl.config import Config
+from mmssl.data import Dataset
+from mmssl.errors import DivergedError
+from mmssl.train import SELECT, fit
+from tune.searcher import FINISHED_KEY
+
+STATE_FILE = "tune_state.json"
+# Testing hook: a directory; the first trial that claims it diverges at epoch 2.
+FAULT_ENV = "MMSSL_TUNE_INJECT_DIVERGENCE"
+
+
+def trial_device() -> str:
+    """"cuda" when Ray gave this trial a GPU (it is then the only visible one), else "cpu"."""
+    return "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
+
+
+class Tracker:
+    """Follows fit's selected epoch (strict improvements of ``best/val/recall@20``)."""
+
+    def __init__(self, metric: str):
+        self.metric = metric
+        self.best_select = float("-inf")
+        self.best_epoch = 0
+        self.best_value = float("nan")
+        self.last: dict[str, Any] | None = None
+
+    def update(self, epoch: int, metrics: dict[str, Any]) -> dict[str, Any]:
+        """The report for this epoch: fit's metrics + ``best/<metric>`` + ``best/epoch``."""
+        out: dict[str, Any] = {k: (int(v) if k == "epoch" else float(v)) for k, v in metrics.items()}
+        out["epoch"] = int(epoch)
+        best_select = out.get(f"best/{SELECT}", out.get(SELECT, float("nan")))
+        if best_select > self.best_select:  # NaN compares False: never selected
+            self.best_select, self.best_epoch = best_select, int(epoch)
+            self.best_value = out.get(self.metric, float("nan"))
+        out[f"best/{self.metric}"] = self.best_value
+        out["best/epoch"] = self.best_epoch
+        self.last = out
+        return out
+
+    def save(self, directory: str | Path) -> None:
+        state = {k: getattr(self, k) for k in ("best_select", "best_epoch", "best_value", "last")}
+        Path(directory, STATE_FILE).write_text(json.dumps(state))
+
+    def load(self, directory: str | Path) -> None:
+        path = Path(directory, STATE_FILE)
+        if path.is_file():
+            for k, v in json.loads(path.read_text()).items():
+                setattr(self, k, v)
+
+
+def train_mmssl(params: dict[str, Any], *, data: Dataset, base: dict[str, Any], metric: str,
+                checkpoint_every: int, cpus_per_trial: float) -> None:
+    """Tune function trainable: ``params`` (sampled) on top of ``base`` (the space's fixed part)."""
+    torch.set_num_threads(max(1, int(cpus_per_trial)))
+    cfg = Config.from_dict({**base, **params, "device": trial_device()})
+    tracker = Tracker(metric)
+    fault_epoch = _claim_fault()
+    sent_finished = False
+
+    def on_epoch(epoch: int, metrics: dict[str, Any], save_checkpoint) -> None:
+        nonlocal sent_finished
+        if epoch == fault_epoch:
+            raise DivergedError(epoch, "train/loss", float("nan"))
+        report = tracker.update(epoch, metrics)
+        finished = epoch >= cfg.epochs
+        report[FINISHED_KEY] = float(finished)
+        if not finished and epoch % checkpoint_every == 0:
+            with tempfile.TemporaryDirectory(prefix="mmssl-ckpt-") as tmp:
+                save_checkpoint(tmp)
+                tracker.save(tmp)
+                tune.report(report, checkpoint=tune.Checkpoint.from_directory(tmp))
+        else:
+            tune.report(report)
+        sent_finished = finished
+
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            tracker.load(directory)
+            fit(cfg, data, on_epoch=on_epoch, resume_from=directory)
+    else:
+        fit(cfg, data, on_epoch=on_epoch)
+    if not sent_finished and tracker.last is not None:
+        # fit stopped itself (patience): say so, repeating the last epoch's values
+        tune.report({**tracker.last, FINISHED_KEY: 1.0})
+
+
+def _claim_fault() -> int | None:
+    """The testing hook: epoch 2 for the one trial that claims ``$MMSSL_TUNE_INJECT_DIVERGENCE``."""
+    directory = os.environ.get(FAULT_ENV)
+    if not directory:
+        return None
+    try:
+        fd = os.open(os.path.join(directory, "claimed"), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except OSError:
+        return None
+    os.close(fd)
+    return 2
+
+
+def run_final_seed(config: dict[str, Any], data: Dataset, cpus: float) -> dict[str, Any]:
+    """One final re-training (a Ray task): fit at full budget, test evaluated once at the best epoch."""
+    torch.set_num_threads(max(1, int(cpus)))
+    cfg = Config.from_dict({**config, "device": trial_device()})
+    try:
+        result = fit(cfg, data)
+    except DivergedError as e:
+        return {"seed": cfg.seed, "error": str(e)}
+    result = {k: v for k, v in result.items() if k != "config"}
+    result["seed"] = cfg.seed
+    return result
