@@ -14,9 +14,11 @@ EXIT_BAD_INPUT = 2
 EXIT_DIVERGED = 3
 
 
-def run_main(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:
+def run_main(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None,
+             prog: str | None = None) -> int:
     """Run ``main(argv)`` and map the package's errors to one line on stderr and an exit status."""
-    prog = sys.argv[0].rsplit("/", 1)[-1] if sys.argv and sys.argv[0] else "mmssl"
+    if prog is None:
+        prog = sys.argv[0].rsplit("/", 1)[-1] if sys.argv and sys.argv[0] else "mmssl"
     try:
         return int(main(argv) or 0)
     except DivergedError as e:

@@ -47,6 +47,7 @@ class Run:
     """Everything one training run holds: model, discriminator, optimizers, sampler, progress."""
 
     def __init__(self, cfg: Config, data: Dataset, device: torch.device):
+        data = data.select_modalities(cfg.modalities)
         self.cfg, self.data, self.device = cfg, data, device
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
@@ -72,19 +73,24 @@ class Run:
         self.model.train()
         if self.disc is not None:
             self.disc.train()
-        sums = torch.zeros(len(LOSS_TERMS), device=self.device)
+        n_terms = len(LOSS_TERMS)
+        sums = torch.zeros(n_terms, device=self.device)
+        first_bad = torch.full((n_terms,), float("inf"), device=self.device)  # batch index a term went NaN/inf
         n = self.sampler.n_batches
-        for _ in tqdm(range(n), desc=f"epoch {self.epoch + 1}", leave=False, disable=not progress, unit="batch"):
+        for b in tqdm(range(n), desc=f"epoch {self.epoch + 1}", leave=False, disable=not progress, unit="batch"):
             users, pos, neg = (torch.from_numpy(a).to(self.device) for a in self.sampler.sample())
             rebuild = self.step % self.cfg.refresh_every == 0
-            sums += train_step(self.model, self.disc, self.opt, self.opt_d, self.train_t, users, pos, neg,
+            terms = train_step(self.model, self.disc, self.opt, self.opt_d, self.train_t, users, pos, neg,
                                self.cfg, rebuild, timer)
+            sums += terms
+            first_bad = torch.where(~torch.isfinite(terms) & torch.isinf(first_bad), float(b), first_bad)
             self.step += 1
         self.epoch += 1
-        means = dict(zip(LOSS_TERMS, (sums / n).tolist()))        # the epoch's one host sync
-        for term in LOSS_TERMS[1:] + LOSS_TERMS[:1]:
-            if not np.isfinite(means[term]):
-                raise DivergedError(self.epoch, term, means[term])
+        host = torch.cat([sums / n, first_bad]).tolist()           # the epoch's one host sync
+        means, bad = dict(zip(LOSS_TERMS, host[:n_terms])), host[n_terms:]
+        if any(np.isfinite(bad)):  # the term that broke first; at a tie, a component before the total
+            term = LOSS_TERMS[min(range(n_terms), key=lambda t: (bad[t], t == 0))]
+            raise DivergedError(self.epoch, term, means[term])
         return means
 
     @torch.no_grad()
@@ -169,9 +175,7 @@ def fit(config: Config, data: Dataset, on_epoch: OnEpoch | None = None, resume_f
     ``resume_from`` (a checkpoint file or its directory) continues a run exactly.
     Raises :class:`DivergedError` when a loss term turns NaN/inf.
     """
-    device = resolve_device(config.device)
-    data = data.select_modalities(config.modalities)
-    run = Run(config, data, device)
+    run = Run(config, data, resolve_device(config.device))
     if resume_from is not None:
         run.load(resume_from)
     t0 = time.perf_counter() - run.seconds

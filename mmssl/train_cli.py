@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     cfg, source, out, resuming = _resolve(args)
-    data = load_data(source, args.subset_users)
+    data = load_data(source, args.subset_users).select_modalities(cfg.modalities)
     print(f"data: {data.summary()}", file=sys.stderr)
     out.mkdir(parents=True, exist_ok=True)
     metrics_path = out / "metrics.jsonl"
@@ -127,4 +127,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def main_entry(argv: list[str] | None = None) -> int:
-    return run_main(main, argv)
+    return run_main(main, argv, prog="python -m mmssl.train")
