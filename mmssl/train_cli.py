@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 
 from mmssl.cli import run_main
@@ -95,7 +96,12 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     cfg, source, out, resuming = _resolve(args)
-    data = load_data(source, args.subset_users).select_modalities(cfg.modalities)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        data = load_data(source, args.subset_users).select_modalities(cfg.modalities)
+    for w in caught:
+        if issubclass(w.category, UserWarning) and "Sparse" not in str(w.message):
+            print(f"warning: {w.message}", file=sys.stderr)
     print(f"data: {data.summary()}", file=sys.stderr)
     out.mkdir(parents=True, exist_ok=True)
     metrics_path = out / "metrics.jsonl"
