@@ -1,11 +1,15 @@
 """The prune-aware OptunaSearch, driven directly with fake Ray results (no training, no Ray cluster)."""
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 from optuna.distributions import FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 from ray.tune.search.optuna import OptunaSearch
 
+from tune.searcher import FINISHED_KEY as FINISHED
 from tune.searcher import PruneAwareOptunaSearch, load_study
 
 METRIC = "best/val/recall@20"
@@ -143,3 +147,86 @@ def test_restore_reopens_the_study_from_storage(searcher, tmp_path):
          if t.user_attrs.get("ray_trial_id") == "g2"][0]
     assert t.state == TrialState.PRUNED and t.intermediate_values == {1: 0.1, 2: 0.25, 3: 0.05}
     assert fresh.study.best_value == pytest.approx(0.3)
+
+
+# --- the trainable's side of the contract (fake fit, fake tune.report; no Ray) -----------------
+
+class FakeTune:
+    """Stands in for ray.tune.report / get_checkpoint inside tune.trainable."""
+
+    def __init__(self, checkpoint=None):
+        self.reports, self.checkpoints, self._ckpt = [], [], checkpoint
+
+    def report(self, metrics, checkpoint=None):
+        self.reports.append(dict(metrics))
+        if checkpoint is not None:
+            with checkpoint.as_directory() as d:
+                self.checkpoints.append(sorted(p.name for p in Path(d).iterdir()))
+
+    def get_checkpoint(self):
+        return self._ckpt
+
+
+def fake_fit(recalls, stop_after=None):
+    """A fit that reports ``recalls`` as val/recall@20, one per epoch, then stops (patience) or ends."""
+    def fit(cfg, data, on_epoch=None, resume_from=None):
+        start = 0 if resume_from is None else int((Path(resume_from) / "checkpoint.pt").read_text())
+        best = float("-inf")
+        for e in range(1, start + 1):
+            best = max(best, recalls[e - 1])
+        for e in range(start + 1, min(cfg.epochs, stop_after or cfg.epochs) + 1):
+            best = max(best, recalls[e - 1])
+            m = {"epoch": e, "train/loss": 1.0 / e, "val/recall@20": recalls[e - 1], "val/ndcg@20": recalls[e - 1] / 2,
+                 "best/val/recall@20": best}
+
+            def save(d, e=e):
+                p = Path(d) / "checkpoint.pt"
+                p.write_text(str(e))
+                return p
+            on_epoch(e, m, save)
+        return {}
+    return fit
+
+
+def run_trainable(monkeypatch, recalls, epochs, stop_after=None, checkpoint=None, metric="val/recall@20"):
+    import tune.trainable as tr
+    fake = FakeTune(checkpoint)
+    monkeypatch.setattr(tr, "fit", fake_fit(recalls, stop_after))
+    monkeypatch.setattr(tr.tune, "report", fake.report)
+    monkeypatch.setattr(tr.tune, "get_checkpoint", fake.get_checkpoint)
+    monkeypatch.setattr(tr, "trial_device", lambda: "cpu")
+    monkeypatch.setattr(tr.torch, "set_num_threads", lambda n: None)  # keep the test process's threads
+    tr.train_mmssl({"cl_weight": 0.1}, data=None, base={"epochs": epochs}, metric=metric,
+                   checkpoint_every=2, cpus_per_trial=1)
+    return fake
+
+
+def test_trainable_flags_the_max_epoch_report_as_finished(monkeypatch):
+    fake = run_trainable(monkeypatch, [0.1, 0.3, 0.2, 0.25], epochs=4)
+    assert [r["epoch"] for r in fake.reports] == [1, 2, 3, 4]
+    assert [r[FINISHED] for r in fake.reports] == [0.0, 0.0, 0.0, 1.0]
+    assert [r[METRIC] for r in fake.reports] == [0.1, 0.3, 0.3, 0.3]
+    assert [r["best/epoch"] for r in fake.reports] == [1, 2, 2, 2]
+    assert fake.checkpoints == [["checkpoint.pt", "tune_state.json"]]  # epoch 2 only (4 is the end)
+
+
+def test_trainable_sends_a_finished_report_after_a_patience_stop(monkeypatch):
+    fake = run_trainable(monkeypatch, [0.1, 0.3, 0.2, 0.25, 0.2, 0.1], epochs=6, stop_after=4)
+    assert [r["epoch"] for r in fake.reports] == [1, 2, 3, 4, 4]
+    assert [r[FINISHED] for r in fake.reports] == [0.0, 0.0, 0.0, 0.0, 1.0]
+    assert fake.reports[-1][METRIC] == 0.3
+
+
+def test_trainable_best_metric_follows_the_selected_epoch(monkeypatch):
+    fake = run_trainable(monkeypatch, [0.1, 0.3, 0.2], epochs=3, metric="val/ndcg@20")
+    assert [r["best/val/ndcg@20"] for r in fake.reports] == [0.05, 0.15, 0.15]
+
+
+def test_trainable_resumes_from_the_tune_checkpoint(monkeypatch, tmp_path):
+    from ray.tune import Checkpoint
+    (tmp_path / "checkpoint.pt").write_text("2")
+    (tmp_path / "tune_state.json").write_text(json.dumps(
+        {"best_select": 0.3, "best_epoch": 2, "best_value": 0.3, "last": None}))
+    fake = run_trainable(monkeypatch, [0.1, 0.3, 0.2, 0.25], epochs=4, checkpoint=Checkpoint.from_directory(tmp_path))
+    assert [r["epoch"] for r in fake.reports] == [3, 4]
+    assert [r["best/epoch"] for r in fake.reports] == [2, 2]

@@ -39,7 +39,7 @@ def collect(results, space: Space, study=None) -> tuple[pd.DataFrame, pd.DataFra
     rows, curves = [], []
     for r in results:
         last = flatten_dict(dict(r.metrics or {}), delimiter="/")
-        trial_id = str(last.get("trial_id") or Path(r.path).name)
+        trial_id = str(last.get("trial_id") or Path(r.path).name.removeprefix("trial_"))
         curve = _curve(r.metrics_dataframe, trial_id)
         curves.append(curve)
         epochs = int(curve["epoch"].max()) if len(curve) else 0

@@ -31,7 +31,7 @@ from ray.tune.schedulers import ASHAScheduler
 from mmssl.data import Dataset
 from tune.searcher import FINISHED_KEY, PruneAwareOptunaSearch
 from tune.space import Space
-from tune.trainable import run_final_seed, train_mmssl
+from tune.trainable import FAULT_ENV, run_final_seed, train_mmssl
 
 REPO = Path(__file__).resolve().parents[1]
 STUDY_FILE = "study.db"
@@ -71,7 +71,8 @@ def init_ray(num_cpus: int | None = None, address: str | None = None) -> tuple[b
 def trainable_for(space: Space, data: Dataset):
     """The trial function with its parameters and resources bound."""
     fn = tune.with_parameters(train_mmssl, data=data, base=space.base_config(), metric=space.metric,
-                              checkpoint_every=space.checkpoint_every, cpus_per_trial=space.cpus_per_trial)
+                              checkpoint_every=space.checkpoint_every, cpus_per_trial=space.cpus_per_trial,
+                              fault_dir=os.environ.get(FAULT_ENV) or None)
     return tune.with_resources(fn, {"cpu": space.cpus_per_trial, "gpu": space.gpus_per_trial})
 
 

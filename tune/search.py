@@ -132,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import optuna  # heavy imports only once the input is known to be good
     from tune import results as res
+    from tune.searcher import PruneAwareOptunaSearch
     from tune.runner import STUDY_FILE, STUDY_NAME, Progress, make_tuner, ray_session, restore_tuner, run_final
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -145,7 +146,10 @@ def main(argv: list[str] | None = None) -> int:
                 indent=1, default=str))
         print(f"search: {space.num_samples} trials x <= {space.max_epochs} epochs, "
               f"ASHA grace {space.grace_period} / factor {space.reduction_factor:g}, -> {exp_dir}", flush=True)
-        grid = tuner.fit()
+        try:
+            grid = tuner.fit()
+        finally:
+            PruneAwareOptunaSearch.study_path_on_restore = None
         wall_search = time.time() - t0
         finished = res.count_finished(grid)
         if finished < space.num_samples:  # Ctrl-C / SIGTERM: Ray saved the state and returned

@@ -65,8 +65,8 @@ class PruneAwareOptunaSearch(OptunaSearch):
         step_key / finished_key: result keys for the step and the "finished by itself" flag.
     """
 
-    # Set by the CLI before ``Tuner.restore`` when the experiment folder may have moved:
-    # restored searchers reopen their study from this file instead of the recorded one.
+    # Set by the CLI around ``Tuner.restore(...).fit()``: where restored searchers find their
+    # study when the recorded file is gone (the experiment folder was moved).
     study_path_on_restore: str | None = None
 
     def __init__(self, space: dict[str, BaseDistribution], metric: str, mode: str = "max", seed: int = 0,
@@ -139,14 +139,18 @@ class PruneAwareOptunaSearch(OptunaSearch):
     def restore(self, checkpoint_path: str) -> None:
         """Restore Ray's pickled searcher state, then reopen the study from its storage file."""
         super().restore(checkpoint_path)
-        path = type(self).study_path_on_restore or self._storage_path
+        path = self._storage_path
+        if not (path and os.path.exists(path)):  # the experiment folder moved
+            path = type(self).study_path_on_restore
         if not path:
             return
         self._storage_path = os.path.abspath(path)
         self._storage = optuna.storages.RDBStorage(storage_url(self._storage_path))
         self._ot_study = optuna.load_study(study_name=self._study_name, storage=self._storage,
                                            sampler=self._sampler)
-        self._ot_trials = {tid: optuna.trial.Trial(self._ot_study, t._trial_id)
+        # running trials continue in their Optuna trial; finished ones are only looked up by id
+        self._ot_trials = {tid: (t if tid in self._completed_trials else
+                                 optuna.trial.Trial(self._ot_study, t._trial_id))
                            for tid, t in self._ot_trials.items()}
 
 

@@ -36,7 +36,7 @@ from mmssl.train import SELECT, fit
 from tune.searcher import FINISHED_KEY
 
 STATE_FILE = "tune_state.json"
-# Testing hook: a directory; the first trial that claims it diverges at epoch 2.
+# Testing hook, read by the driver: a directory; the first trial that claims it diverges at epoch 2.
 FAULT_ENV = "MMSSL_TUNE_INJECT_DIVERGENCE"
 
 
@@ -80,12 +80,16 @@ class Tracker:
 
 
 def train_mmssl(params: dict[str, Any], *, data: Dataset, base: dict[str, Any], metric: str,
-                checkpoint_every: int, cpus_per_trial: float) -> None:
-    """Tune function trainable: ``params`` (sampled) on top of ``base`` (the space's fixed part)."""
+                checkpoint_every: int, cpus_per_trial: float, fault_dir: str | None = None) -> None:
+    """Tune function trainable: ``params`` (sampled) on top of ``base`` (the space's fixed part).
+
+    ``fault_dir`` is a testing hook (the driver's ``$MMSSL_TUNE_INJECT_DIVERGENCE``): the
+    first trial to claim it raises DivergedError at epoch 2.
+    """
     torch.set_num_threads(max(1, int(cpus_per_trial)))
     cfg = Config.from_dict({**base, **params, "device": trial_device()})
     tracker = Tracker(metric)
-    fault_epoch = _claim_fault()
+    fault_epoch = _claim_fault(fault_dir)
     sent_finished = False
 
     def on_epoch(epoch: int, metrics: dict[str, Any], save_checkpoint) -> None:
@@ -116,9 +120,8 @@ def train_mmssl(params: dict[str, Any], *, data: Dataset, base: dict[str, Any], 
         tune.report({**tracker.last, FINISHED_KEY: 1.0})
 
 
-def _claim_fault() -> int | None:
-    """The testing hook: epoch 2 for the one trial that claims ``$MMSSL_TUNE_INJECT_DIVERGENCE``."""
-    directory = os.environ.get(FAULT_ENV)
+def _claim_fault(directory: str | None) -> int | None:
+    """The testing hook: epoch 2 for the one trial that claims ``directory``."""
     if not directory:
         return None
     try:
