@@ -79,7 +79,7 @@ def test_diverged_trial_is_failed_with_reason_and_the_search_goes_on(smoke):
     trials = pd.read_csv(smoke["dir"] / "trials.csv")
     failed = trials[trials["status"] == "failed"]
     assert len(failed) == 1
-    assert failed["reason"].iloc[0].startswith("DivergedError: training diverged at epoch 2")
+    assert failed["reason"].iloc[0].startswith("DivergedError: training diverged at epoch 1")
     assert failed["optuna_state"].iloc[0] == "FAIL"
     # trials created after the failure still ran
     assert trials["optuna_number"].max() == NUM_SAMPLES - 1

@@ -160,6 +160,7 @@ def test_overrides_win_and_are_validated(tmp_path):
     (dict(MINIMAL, final={"seeds": [1, 1]}), None, "final.seeds: seeds must be distinct"),
     (dict(MINIMAL, final={"runs": 3}), None, "unknown key 'final.runs'"),
     (dict(MINIMAL, data=3), None, "'data' must be a non-empty string"),
+    (dict(MINIMAL, data="synthetic:300"), None, "data: expected 'synthetic', 'synthetic:<users>x<items>'"),
     (dict(MINIMAL, subset_users=0), None, "subset_users: must be an integer >= 1"),
     (dict(MINIMAL, budget=[1, 2]), None, "budget: expected a mapping"),
     (None, "search: {cl_weight: {dist: loguniform, low: 1e-3, high: 1.0}\n  oops: [\n", "bad YAML at line"),

@@ -27,6 +27,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 if __name__ == "__main__":  # run as a script: import the repo's packages, not tune/*.py as top-level modules
@@ -40,7 +41,7 @@ from mmssl.errors import ConfigError  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_SPACE = REPO / "configs" / "space.yaml"
 # --smoke-test: the space's search section on small synthetic data with a tiny budget
-SMOKE = dict(data="synthetic:300x200", num_samples=6, max_epochs=8, grace_period=1, reduction_factor=2,
+SMOKE = dict(data="synthetic:300x200", num_samples=6, max_epochs=9, grace_period=1, reduction_factor=3,
              max_concurrent=2, cpus_per_trial=1, gpus_per_trial=0, checkpoint_every=2, final_seeds=2,
              n_startup_trials=3,
              sets=["embed_dim=32", "batch_size=128", "patience=3", "eval_chunk=512"])
@@ -71,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the experiment in OUT/NAME: finished trials kept, "
                    "unfinished ones resumed from their checkpoints, the Optuna study reloaded; failed trials stay failed")
     p.add_argument("--smoke-test", action="store_true", help="small synthetic data (300 users x 200 items), 6 trials "
-                   "of at most 8 epochs, ASHA grace 1 / factor 2, 2 final seeds: about 2 minutes on 2 CPUs")
+                   "of at most 9 epochs, ASHA grace 1 / factor 3, 2 final seeds: about 2 minutes on 2 CPUs")
     return p
 
 
@@ -125,7 +126,11 @@ def main(argv: list[str] | None = None) -> int:
     space, overrides, exp_dir = resolve(args)
     if not args.resume and (exp_dir / "search.json").exists():
         raise ConfigError(f"{exp_dir} already holds an experiment; use --resume, or another --name/--out")
-    data = load_data(space)  # DataError -> one line, exit 2, before Ray starts
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        data = load_data(space)  # DataError -> one line, exit 2, before Ray starts
+    for w in caught:
+        print(f"warning: {str(w.message).splitlines()[0]}", file=sys.stderr)
     print(f"data: {data.summary()}", flush=True)
     exp_dir = exp_dir.resolve()
     t0 = time.time()

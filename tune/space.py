@@ -351,6 +351,9 @@ def _check_whole(space: Space) -> None:
     if not isinstance(space.metric, str) or not METRIC_RE.match(space.metric):
         raise ConfigError(f"{w}: metric: expected val/<recall|ndcg|precision|hit>@<10|20|50>, "
                           f"got {space.metric!r}")
+    if space.data.startswith("synthetic:") and not re.fullmatch(r"synthetic:[1-9]\d*x[1-9]\d*", space.data):
+        raise ConfigError(f"{w}: data: expected 'synthetic', 'synthetic:<users>x<items>' or a directory, "
+                          f"got {space.data!r}")
     if space.grace_period > space.max_epochs:
         raise ConfigError(f"{w}: asha.grace_period ({space.grace_period}) must be <= the maximum "
                           f"epochs ({space.max_epochs}; fixed.epochs or --max-epochs)")

@@ -36,7 +36,7 @@ from mmssl.train import SELECT, fit
 from tune.searcher import FINISHED_KEY
 
 STATE_FILE = "tune_state.json"
-# Testing hook, read by the driver: a directory; the first trial that claims it diverges at epoch 2.
+# Testing hook, read by the driver: a directory; the first trial that claims it diverges at epoch 1.
 FAULT_ENV = "MMSSL_TUNE_INJECT_DIVERGENCE"
 
 
@@ -84,7 +84,7 @@ def train_mmssl(params: dict[str, Any], *, data: Dataset, base: dict[str, Any], 
     """Tune function trainable: ``params`` (sampled) on top of ``base`` (the space's fixed part).
 
     ``fault_dir`` is a testing hook (the driver's ``$MMSSL_TUNE_INJECT_DIVERGENCE``): the
-    first trial to claim it raises DivergedError at epoch 2.
+    first trial to claim it raises DivergedError at epoch 1.
     """
     torch.set_num_threads(max(1, int(cpus_per_trial)))
     cfg = Config.from_dict({**base, **params, "device": trial_device()})
@@ -121,7 +121,8 @@ def train_mmssl(params: dict[str, Any], *, data: Dataset, base: dict[str, Any], 
 
 
 def _claim_fault(directory: str | None) -> int | None:
-    """The testing hook: epoch 2 for the one trial that claims ``directory``."""
+    """The testing hook: epoch 1 (before any report, so ASHA cannot stop it first) for the one
+    trial that claims ``directory``."""
     if not directory:
         return None
     try:
@@ -129,7 +130,7 @@ def _claim_fault(directory: str | None) -> int | None:
     except OSError:
         return None
     os.close(fd)
-    return 2
+    return 1
 
 
 def run_final_seed(config: dict[str, Any], data: Dataset, cpus: float) -> dict[str, Any]:
