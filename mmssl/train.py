@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from mmssl.config import Config
 from mmssl.data import Dataset
 from mmssl.errors import ConfigError, DivergedError
-from mmssl.graph import SparseOp, _to_torch_csr, observed_operators
+from mmssl.graph import _to_torch_csr, observed_operators
 from mmssl.metrics import evaluate
 from mmssl.model import MMSSL, Discriminator
 from mmssl.step import LOSS_TERMS, BatchSampler, no_timer, train_step
