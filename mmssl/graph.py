@@ -43,10 +43,10 @@ class SparseOp:
 
     @classmethod
     def from_scipy(cls, m: sp.spmatrix, device: torch.device) -> "SparseOp":
-        return cls(_to_torch_csr(sp.csr_matrix(m), device), _to_torch_csr(sp.csr_matrix(m.T), device))
+        return cls(to_torch_csr(sp.csr_matrix(m), device), to_torch_csr(sp.csr_matrix(m.T), device))
 
 
-def _to_torch_csr(m: sp.csr_matrix, device) -> torch.Tensor:
+def to_torch_csr(m: sp.csr_matrix, device) -> torch.Tensor:
     m.sort_indices()
     return torch.sparse_csr_tensor(
         torch.from_numpy(m.indptr.astype(np.int64)), torch.from_numpy(m.indices.astype(np.int64)),

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from mmssl.config import Config
 from mmssl.data import Dataset
 from mmssl.errors import ConfigError, DivergedError
-from mmssl.graph import _to_torch_csr, observed_operators
+from mmssl.graph import to_torch_csr, observed_operators
 from mmssl.metrics import evaluate
 from mmssl.model import MMSSL, Discriminator
 from mmssl.step import LOSS_TERMS, BatchSampler, no_timer, train_step
@@ -60,7 +60,7 @@ class Run:
         if cfg.adversarial and feats:
             self.disc = Discriminator(data.n_items, cfg.d_dropout1, cfg.d_dropout2).to(device)
             self.opt_d = torch.optim.Adam(self.disc.parameters(), lr=cfg.lr_d, betas=(0.5, 0.9))
-        self.train_t = _to_torch_csr(data.train.tocsr(), device)
+        self.train_t = to_torch_csr(data.train.tocsr(), device)
         self.sampler = BatchSampler(data.train, cfg.batch_size, np.random.default_rng(cfg.seed))
         self.epoch, self.step = 0, 0
         self.best, self.best_epoch, self.bad_epochs = -1.0, 0, 0
