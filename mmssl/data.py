@@ -380,10 +380,7 @@ def _interaction_warnings(ds: Dataset, dups: dict[str, int]) -> list[str]:
     cold = ds.n_items - int(np.count_nonzero(np.bincount(ds.train.indices, minlength=ds.n_items)))
     if cold:
         out.append(f"{cold} item(s) never appear in train (cold items)")
-    keys = {}  # sorted linear keys user * n_items + item (canonical CSR is row-major, sorted)
-    for s in SPLITS:
-        m = getattr(ds, s)
-        keys[s] = np.repeat(np.arange(m.shape[0], dtype=np.int64), np.diff(m.indptr)) * ds.n_items + m.indices
+    keys = {s: flat_keys(getattr(ds, s)) for s in SPLITS}  # sorted: canonical CSR is row-major, sorted
     pairs = (("train", "val"), ("train", "test"), ("val", "test"))
     counts = {f"{a}/{b}": len(np.intersect1d(keys[a], keys[b], assume_unique=True)) for a, b in pairs}
     overlaps = [f"{k} {n}" for k, n in counts.items() if n]
@@ -393,6 +390,12 @@ def _interaction_warnings(ds: Dataset, dups: dict[str, int]) -> list[str]:
         parts = ", ".join(f"{s} {n}" for s, n in dups.items() if n)
         out.append(f"{sum(dups.values())} duplicate interaction(s) inside splits removed ({parts})")
     return out
+
+
+def flat_keys(m: sp.csr_matrix) -> np.ndarray:
+    """Row-major flat indices ``row * n_cols + col`` (int64) of a CSR's stored entries; sorted for canonical CSR."""
+    rows = np.repeat(np.arange(m.shape[0], dtype=np.int64), np.diff(m.indptr))
+    return rows * m.shape[1] + m.indices.astype(np.int64)
 
 
 def _one_line(msg: str) -> str:

@@ -94,14 +94,26 @@ def topk_count(topk_rate: float, n_items: int) -> int:
     return max(1, min(n_items, int(round(topk_rate * n_items))))
 
 
+class GeneratedGraph(SparseOp):
+    """A generated modality graph G^m (eq. 4 operators).
+
+    Called, it is the user side: ``g(E_items)`` = e_u^m = Σ_{i∈N^m_u} e_i / sqrt|N^m_u| (U x d).
+    ``g.item_side(E_users)`` = e_i^m = Σ_{u∈N^m_i} e_u / sqrt|N^m_i| (I x d).
+    ``g.cols`` (U x k) are the neighbour columns it was built from (what a checkpoint stores).
+    """
+
+    def __init__(self, user_side: SparseOp, item_side: SparseOp, cols: torch.Tensor):
+        super().__init__(user_side.mat, user_side.mat_t)
+        self.item_side, self.cols = item_side, cols
+
+
 @torch.no_grad()
-def generator_graph(f_u: torch.Tensor, f_i: torch.Tensor, k: int, chunk: int = 2048) -> SparseOp:
+def generator_graph(f_u: torch.Tensor, f_i: torch.Tensor, k: int, chunk: int = 2048) -> GeneratedGraph:
     """Generated modality graph G^m of eq. (3) for EVERY user: top-k items of Â^m[u,:] = cos(f_u^m, f_i^m).
 
     Chunked over users on the device (never a dense |U| x |I| matrix). Returns the
-    normalised pair needed by eq. (4): rows ``D_u^{-1/2} G`` with each user's k items
-    (weights 1/sqrt(k)); the transpose side ``D_i^{-1/2} G^T`` is built by
-    :func:`modality_id_operators`.
+    normalised operators of eq. (4): ``D_u^{-1/2} G`` (each user's k items, weights
+    1/sqrt(k)) and ``D_i^{-1/2} G^T``.
     """
     n_users, n_items = f_u.shape[0], f_i.shape[0]
     fu, fi = F.normalize(f_u.float(), dim=1), F.normalize(f_i.float(), dim=1)
@@ -111,33 +123,25 @@ def generator_graph(f_u: torch.Tensor, f_i: torch.Tensor, k: int, chunk: int = 2
     return modality_id_operators(cols, n_items)
 
 
-def modality_id_operators(cols: torch.Tensor, n_items: int) -> SparseOp:
-    """Operators of eq. (4) from the k neighbour columns per user (``cols``: U x k).
-
-    ``op(E_items)`` gives e_u^m = Σ_{i∈N^m_u} e_i / sqrt|N^m_u| (U x d). The attribute
-    ``item_side(E_users)`` gives e_i^m = Σ_{u∈N^m_i} e_u / sqrt|N^m_i| (I x d).
-    """
+def modality_id_operators(cols: torch.Tensor, n_items: int) -> GeneratedGraph:
+    """The :class:`GeneratedGraph` of eq. (4) from the k neighbour columns per user (``cols``: U x k)."""
     n_users, k = cols.shape
     device = cols.device
     flat = cols.reshape(-1)
     rows = torch.arange(n_users, device=device).repeat_interleave(k)
     crow = torch.arange(0, n_users * k + 1, k, device=device)
     sorted_cols, _ = torch.sort(cols, dim=1)
+    sorted_flat = sorted_cols.reshape(-1)
     ones = torch.full((n_users * k,), 1.0 / math.sqrt(k), device=device)
-    g_u = torch.sparse_csr_tensor(crow, sorted_cols.reshape(-1), ones, size=(n_users, n_items))
+    g_u = torch.sparse_csr_tensor(crow, sorted_flat, ones, size=(n_users, n_items))
     # item side: transpose, normalised by item in-degree
-    deg_i = torch.bincount(flat, minlength=n_items).float()
+    inv_sqrt_deg_i = torch.bincount(flat, minlength=n_items).float().clamp(min=1).rsqrt()
     order = torch.argsort(flat * n_users + rows)
     t_rows, t_cols = flat[order], rows[order]
     t_crow = torch.zeros(n_items + 1, dtype=torch.int64, device=device)
     t_crow[1:] = torch.cumsum(torch.bincount(t_rows, minlength=n_items), 0)
-    vals_i = deg_i.clamp(min=1).rsqrt()[t_rows]
-    g_i = torch.sparse_csr_tensor(t_crow, t_cols, vals_i, size=(n_items, n_users))
+    g_i = torch.sparse_csr_tensor(t_crow, t_cols, inv_sqrt_deg_i[t_rows], size=(n_items, n_users))
     # transposes for the backward passes
     g_u_t = torch.sparse_csr_tensor(t_crow, t_cols, ones, size=(n_items, n_users))
-    g_i_t = torch.sparse_csr_tensor(crow, sorted_cols.reshape(-1), deg_i.clamp(min=1).rsqrt()[sorted_cols.reshape(-1)],
-                                    size=(n_users, n_items))
-    op = SparseOp(g_u, g_u_t)
-    op.item_side = SparseOp(g_i, g_i_t)
-    op.cols = cols
-    return op
+    g_i_t = torch.sparse_csr_tensor(crow, sorted_flat, inv_sqrt_deg_i[sorted_flat], size=(n_users, n_items))
+    return GeneratedGraph(SparseOp(g_u, g_u_t), SparseOp(g_i, g_i_t), cols)

@@ -33,6 +33,8 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from mmssl.data import flat_keys
+
 KS = (10, 20, 50)
 METRICS = ("recall", "precision", "ndcg", "hit")
 
@@ -88,8 +90,7 @@ def _as_csr(x, n_rows: int, n_cols: int, name: str) -> sp.csr_matrix:
 
 def _csr_flat_keys(c: sp.csr_matrix, device) -> torch.Tensor:
     """Row-major flat indices ``row * n_cols + col`` of the stored entries, on ``device``."""
-    rows = np.repeat(np.arange(c.shape[0], dtype=np.int64), np.diff(c.indptr))
-    return torch.as_tensor(rows * c.shape[1] + c.indices, device=device)
+    return torch.as_tensor(flat_keys(c), device=device)
 
 
 def popularity_item_scores(train_csr, device=None) -> torch.Tensor:

@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mmssl.config import Config
-from mmssl.graph import SparseOp, generator_graph, topk_count
+from mmssl.graph import GeneratedGraph, SparseOp, generator_graph, modality_id_operators, topk_count
 
 
 def modality_projection(x: torch.Tensor, proj: nn.Linear, dropout: nn.Dropout) -> torch.Tensor:
@@ -27,7 +27,7 @@ def modality_views(f_bar: torch.Tensor, a_u: SparseOp, a_i: SparseOp) -> tuple[t
     return f_u, a_i(f_u)
 
 
-def modality_id_views(g: SparseOp, e_user: torch.Tensor, e_item: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def modality_id_views(g: GeneratedGraph, e_user: torch.Tensor, e_item: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Eq. 4: e_u^m = Σ_{i∈N^m_u} e_i / sqrt|N^m_u|, e_i^m = Σ_{u∈N^m_i} e_u / sqrt|N^m_i| on G^m."""
     return g(e_item), g.item_side(e_user)
 
@@ -107,7 +107,7 @@ class MMSSL(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
         self.attention = InterModalAttention(d, cfg.n_heads)
         self.k = topk_count(cfg.topk_rate, n_items)
-        self.graphs: dict[str, SparseOp] = {}
+        self.graphs: dict[str, GeneratedGraph] = {}
 
     def feature(self, m: str) -> torch.Tensor:
         return getattr(self, f"feat_{m}")
@@ -160,7 +160,6 @@ class MMSSL(nn.Module):
         return {m: g.cols.clone() for m, g in self.graphs.items()}
 
     def load_graph_state(self, state: dict[str, torch.Tensor]) -> None:
-        from mmssl.graph import modality_id_operators
         dev = self.user_emb.device
         self.graphs = {m: modality_id_operators(c.to(dev), self.n_items) for m, c in state.items()}
 

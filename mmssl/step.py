@@ -20,6 +20,7 @@ import scipy.sparse as sp
 import torch
 
 from mmssl.config import Config
+from mmssl.data import flat_keys
 from mmssl.graph import batch_rows
 from mmssl.losses import (bpr_loss, discriminator_loss, fake_rows, generator_loss, gumbel_real_rows, info_nce,
                           l2_penalty)
@@ -65,8 +66,7 @@ class BatchSampler:
         self.active = np.flatnonzero(self.deg > 0)
         self.batch = min(batch_size, len(self.active))
         self.n_batches = max(1, math.ceil(train.nnz / batch_size))
-        rows = np.repeat(np.arange(train.shape[0], dtype=np.int64), self.deg)
-        self.keys = rows * self.n_items + self.indices          # sorted: CSR with sorted indices
+        self.keys = flat_keys(train)                            # sorted: CSR with sorted indices
         self.rng = rng
 
     def sample(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

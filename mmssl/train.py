@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import os
-import random
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -50,7 +49,6 @@ class Run:
         data = data.select_modalities(cfg.modalities)
         self.cfg, self.data, self.device = cfg, data, device
         torch.manual_seed(cfg.seed)
-        random.seed(cfg.seed)
         a_u, a_i = observed_operators(data.train, device)
         feats = {m: torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(device)
                  for m, x in data.features.items()}
@@ -125,7 +123,6 @@ class Run:
             "bad_epochs": self.bad_epochs, "best_state": self.best_state, "history": self.history,
             "seconds": self.seconds, "config": self.cfg.to_dict(),
             "rng": {"torch": torch.get_rng_state(), "numpy": self.sampler.rng.bit_generator.state,
-                    "python": random.getstate(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
         }
 
@@ -158,7 +155,6 @@ class Run:
         self.best = ck["best_metric"]
         torch.set_rng_state(ck["rng"]["torch"].cpu())
         self.sampler.rng.bit_generator.state = ck["rng"]["numpy"]
-        random.setstate(ck["rng"]["python"])
         if ck["rng"]["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all([s.cpu() for s in ck["rng"]["cuda"]])
 
