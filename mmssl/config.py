@@ -148,13 +148,11 @@ def parse_override(item: str) -> tuple[str, Any]:
 
 def read_yaml_mapping(path: str | os.PathLike) -> dict[str, Any]:
     """Read a YAML file that must hold a mapping; one-line ConfigError otherwise."""
+    from mmssl.textfiles import read_text  # a BOM / UTF-16 file reads as the clean UTF-8 one
+
+    text = read_text(path, ConfigError)
     try:
-        with open(path, encoding="utf-8") as fh:
-            d = yaml.safe_load(fh)
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such file") from None
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
+        d = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
