@@ -229,3 +229,13 @@ def _validate(c: Config) -> None:
 
 
 _FIELD_NAMES = [f.name for f in fields(Config)]
+
+
+def coerce_value(key: str, value: Any, where: str = "config") -> Any:
+    """``value`` converted to the type of config key ``key`` (alias accepted), as ``from_dict`` does.
+
+    Only the type is checked (e.g. ``"1e-3"`` -> ``0.001`` for a float key, ``2.0`` -> ``2``
+    for an int key), not the ranges or cross-key rules. Raises :class:`ConfigError`.
+    """
+    key = canonical_key(key, where)
+    return _coerce(key, {f.name: f.type for f in fields(Config)}[key], value, where)
