@@ -281,3 +281,53 @@ def test_search_cli_no_features_with_default_modalities_is_exit_2_before_ray(tmp
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and "no item features" in err[-1] and "modalities=[]" in err[-1]
     assert not list((tmp_path / "o").glob("*/search.json"))
+
+
+# ----------------------------------------------------------------- Ray pieces without a Ray cluster
+
+
+def test_resumable_limiter_applies_a_new_limit_on_restore():
+    from ray.tune.search import Searcher
+
+    from tune.searcher import ResumableLimiter
+
+    class Stub(Searcher):
+        def suggest(self, trial_id):
+            return {}
+
+        def on_trial_complete(self, trial_id, result=None, error=False):
+            pass
+
+    saved = ResumableLimiter(Stub(metric="m", mode="max"), 2).get_state()
+    restored = ResumableLimiter(Stub(metric="m", mode="max"), 2)
+    try:
+        ResumableLimiter.max_concurrent_on_restore = 5
+        restored.set_state(saved)
+        assert restored.max_concurrent == 5
+        ResumableLimiter.max_concurrent_on_restore = None
+        restored.set_state(saved)
+        assert restored.max_concurrent == 2  # the saved limit when no new one is given
+    finally:
+        ResumableLimiter.max_concurrent_on_restore = None
+
+
+def test_final_seed_cache_is_strict_json_and_refuses_other_data(tmp_path):
+    from mmssl.data import fingerprint
+    from mmssl.errors import DataError
+    from tune.runner import run_final
+    space = load_space(str(_space(tmp_path, "search:\n  cl_weight: {dist: loguniform, low: 1.0e-3, high: 1.0}\n"
+                                            "final: {seeds: [1]}\n")))
+    data = make_dataset(n_users=40, n_items=30, seed=0)
+    fp = fingerprint(data)
+    cfg = {"epochs": 1}
+    cache = tmp_path / "final"
+    cache.mkdir()
+    result = {"test/recall@20": math.nan, "seed": 1}
+    (cache / "seed_1.json").write_text(jsonio.dumps({"config": {**cfg, "seed": 1}, "data_fingerprint": fp,
+                                                     "result": result}))
+    json.loads((cache / "seed_1.json").read_text(), parse_constant=lambda t: pytest.fail(t))
+    got = run_final(space, cfg, data, cache, data_fingerprint=fp)  # all cached: no Ray needed
+    assert got[0]["seed"] == 1 and math.isnan(got[0]["test/recall@20"])
+    other = fingerprint(make_dataset(n_users=40, n_items=31, seed=0))
+    with pytest.raises(DataError, match=r"seed_1.json: the data changed since this run started \(items 30 -> 31"):
+        run_final(space, cfg, data, cache, data_fingerprint=other)
