@@ -98,6 +98,10 @@ def read_tsv(path: str | Path, required: tuple[str, ...]) -> tuple[pd.DataFrame,
         hint = ""
         if "\t" not in lines[0] and ("," in lines[0] or ";" in lines[0] or " " in lines[0].strip()):
             hint = "; the header has no tab: the file must be tab-separated"
+        else:
+            near = [h for h in header for c in missing if h.lower() == c.lower()]
+            if near:
+                hint = f"; column names are case-sensitive ({', '.join(near)} found)"
         raise DataError(f"{p}: missing column(s) {', '.join(missing)} in header "
                         f"(found: {', '.join(header)}){hint}")
     strip = df.apply(lambda col: col.str.strip())

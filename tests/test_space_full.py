@@ -331,3 +331,11 @@ def test_final_seed_cache_is_strict_json_and_refuses_other_data(tmp_path):
     other = fingerprint(make_dataset(n_users=40, n_items=31, seed=0))
     with pytest.raises(DataError, match=r"seed_1.json: the data changed since this run started \(items 30 -> 31"):
         run_final(space, cfg, data, cache, data_fingerprint=other)
+
+
+@pytest.mark.parametrize("name", ["a/b", "..", "../x"])
+def test_search_cli_name_must_be_one_folder(tmp_path, capsys, name):
+    p = _space(tmp_path, "search:\n  cl_weight: {dist: loguniform, low: 1.0e-3, high: 1.0}\n")
+    rc = run_main(search.main, ["--space", str(p), "--out", str(tmp_path / "o"), "--name", name], prog="tune/search.py")
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err == f"tune/search.py: error: {p}: name: must be one folder name (OUT/NAME holds the experiment), got {name!r}"

@@ -160,3 +160,12 @@ def test_yaml_invalid_utf8_is_a_config_error_naming_the_line(tmp_path):
     with pytest.raises(ConfigError) as ei:
         read_yaml_mapping(p)
     assert str(ei.value) == f"{p}: line 2: not valid UTF-8 text (byte 0xe9); save the file as UTF-8"
+
+
+def test_inter_header_case_mismatch_is_named(tmp_path):
+    root = write_mmrec(tmp_path / "d")
+    (root / "tiny.inter").write_bytes(b"UserID\titemid\tx_label\n0\t1\t0\n")
+    with pytest.raises(DataError) as ei:
+        quiet_load(root)
+    assert str(ei.value) == (f"{root / 'tiny.inter'}: missing column(s) userID, itemID in header "
+                             "(found: UserID, itemid, x_label); column names are case-sensitive (UserID, itemid found)")

@@ -426,6 +426,8 @@ def _check_whole(space: Space) -> None:
     if space.data.startswith("synthetic:") and not re.fullmatch(r"synthetic:[1-9]\d*x[1-9]\d*", space.data):
         raise ConfigError(f"{w}: data: expected 'synthetic', 'synthetic:<users>x<items>' or a directory, "
                           f"got {space.data!r}")
+    if "/" in space.name or "\\" in space.name or space.name.strip() in ("", ".", ".."):
+        raise ConfigError(f"{w}: name: must be one folder name (OUT/NAME holds the experiment), got {space.name!r}")
     if space.grace_period > space.max_epochs:
         raise ConfigError(f"{w}: asha.grace_period ({space.grace_period}) must be <= the maximum "
                           f"epochs ({space.max_epochs}; fixed.epochs or --max-epochs)")
