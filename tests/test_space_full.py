@@ -211,7 +211,7 @@ def fake_experiment(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         fp = fingerprint(load(data))
-    (exp / "search.json").write_text(jsonio.dumps({"path": str(p), "overrides": {"sets": []},
+    (exp / "search.json").write_text(jsonio.dumps({"version": search.RECORD_VERSION, "path": str(p), "overrides": {"sets": []},
                                                    "space": space.to_dict(), "data_fingerprint": fp}, default=str))
     return {"space": p, "data": data, "out": tmp_path / "out", "exp": exp}
 

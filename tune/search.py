@@ -76,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+RECORD_VERSION = 2  # search.json: 2 = exact params (Param.to_dict) and the data fingerprint
 # On --resume: flags that can apply (the override key they set) and flags that cannot.
 RESUME_APPLIES = {"max_concurrent": "--max-concurrent", "final_seeds": "--final-seeds"}
 RESUME_REFUSES = {"data": "--data", "subset_users": "--subset-users", "num_samples": "--num-samples",
@@ -127,7 +128,7 @@ def resolve(args: argparse.Namespace):
                               f"pass --space")
         overrides = {**d["overrides"], **applied}
         space = load_space(path).override(**overrides)
-        if "space" in d:
+        if d.get("version", 1) >= RECORD_VERSION:  # older records wrote the params differently
             diff = space_changes(d["space"], jsonio.loads(jsonio.dumps(space.to_dict(), default=str)),
                                  ignore=tuple(applied))
             if diff:
@@ -201,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     from tune.searcher import ResumableLimiter
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    record = {"path": os.path.abspath(space.path), "overrides": overrides, "space": space.to_dict(),
+    record = {"version": RECORD_VERSION, "path": os.path.abspath(space.path), "overrides": overrides, "space": space.to_dict(),
               "data_fingerprint": data_fp}
     with ray_console_to(exp_dir / "ray.log") as reroute, ray_session(address=args.address):
         reroute()  # ray.init may have added console handlers

@@ -91,15 +91,14 @@ class Param:
         (categorical, int range, stepped uniform grid), else the bounds only."""
         if self.dist == "categorical":
             return list(self.choices)
-        if self.dist in ("int", "uniform") and self.step is not None or self.dist == "int" and not self.log:
+        if self.dist == "int":  # a log int range still produces every integer in it
             step = self.step or 1
-            n = int(round((self.high - self.low) / step))
+            if (self.high - self.low) // step + 1 <= MAX_ENUM:
+                return list(range(int(self.low), int(self.high) + 1, int(step)))
+        elif self.dist == "uniform" and self.step is not None:
+            n = int(round((self.high - self.low) / self.step))
             if n + 1 <= MAX_ENUM:
-                if self.dist == "int":
-                    return list(range(int(self.low), int(self.high) + 1, int(step)))
-                return [self.low + k * step if k < n else self.high for k in range(n + 1)]
-        if self.dist == "int" and self.log and self.high - self.low + 1 <= MAX_ENUM:
-            return list(range(int(self.low), int(self.high) + 1))
+                return [self.low + k * self.step for k in range(n)] + [self.high]
         return [self.low, self.high]
 
     def to_dict(self) -> dict[str, Any]:
