@@ -339,3 +339,13 @@ def test_search_cli_name_must_be_one_folder(tmp_path, capsys, name):
     rc = run_main(search.main, ["--space", str(p), "--out", str(tmp_path / "o"), "--name", name], prog="tune/search.py")
     err = capsys.readouterr().err.strip()
     assert rc == 2 and err == f"tune/search.py: error: {p}: name: must be one folder name (OUT/NAME holds the experiment), got {name!r}"
+
+
+def test_resume_of_an_old_experiment_refuses_a_new_max_concurrent(fake_experiment, capsys):
+    record = fake_experiment["exp"] / "search.json"
+    d = jsonio.loads(record.read_text())
+    d.pop("version")
+    record.write_text(jsonio.dumps(d, default=str))
+    err = _resume(fake_experiment, capsys, "--max-concurrent", "3")
+    assert err == (f"tune/search.py: error: --resume: --max-concurrent cannot change for {fake_experiment['exp']}: "
+                   "it was started before the limit could be changed on resume (its Ray state keeps the old limit)")

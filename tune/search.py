@@ -126,6 +126,9 @@ def resolve(args: argparse.Namespace):
         if not Path(path).is_file():
             raise ConfigError(f"--resume: the space file {path} recorded in {exp_dir / 'search.json'} is gone; "
                               f"pass --space")
+        if "max_concurrent" in applied and d.get("version", 1) < RECORD_VERSION:
+            raise ConfigError(f"--resume: --max-concurrent cannot change for {exp_dir}: it was started before "
+                              f"the limit could be changed on resume (its Ray state keeps the old limit)")
         overrides = {**d["overrides"], **applied}
         space = load_space(path).override(**overrides)
         if d.get("version", 1) >= RECORD_VERSION:  # older records wrote the params differently
