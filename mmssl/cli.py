@@ -5,10 +5,13 @@ Exit statuses: 0 success, 2 bad input (config, data, CLI), 3 diverged training,
 """
 from __future__ import annotations
 
+import os
 import sys
+import tempfile
+from pathlib import Path
 from typing import Callable
 
-from mmssl.errors import DivergedError, MMSSLError
+from mmssl.errors import ConfigError, DivergedError, MMSSLError
 
 EXIT_BAD_INPUT = 2
 EXIT_DIVERGED = 3
@@ -30,3 +33,34 @@ def run_main(main: Callable[[list[str] | None], int | None], argv: list[str] | N
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+
+
+def check_out_dir(path: str | os.PathLike, flag: str = "--out") -> Path:
+    """Check that ``path`` can be (or already is) a writable folder, before any work starts.
+
+    A missing folder is fine when its nearest existing ancestor is a writable folder
+    (it is created later, parents included). Raises :class:`ConfigError` with one line
+    naming the flag and the path when ``path`` or an ancestor is a file, or the folder
+    cannot be written (probed by creating and removing a temporary file, so it holds for
+    root and read-only file systems too). Returns ``Path(path)``.
+    """
+    out = Path(path)
+    if str(path).strip() == "":
+        raise ConfigError(f"{flag}: empty path")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{flag} {out}: exists and is not a folder")
+    probe = out
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise ConfigError(f"{flag} {out}: {probe} is a file, not a folder")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".mmssl-write-test-", dir=probe)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        what = "folder" if probe == out else f"folder {probe} (to create {out} in)"
+        raise ConfigError(f"{flag} {out}: cannot write to the {what}: {e.strerror}") from None
+    return out

@@ -148,13 +148,11 @@ def parse_override(item: str) -> tuple[str, Any]:
 
 def read_yaml_mapping(path: str | os.PathLike) -> dict[str, Any]:
     """Read a YAML file that must hold a mapping; one-line ConfigError otherwise."""
+    from mmssl.textfiles import read_text  # a BOM / UTF-16 file reads as the clean UTF-8 one
+
+    text = read_text(path, ConfigError)
     try:
-        with open(path, encoding="utf-8") as fh:
-            d = yaml.safe_load(fh)
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such file") from None
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
+        d = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -231,3 +229,13 @@ def _validate(c: Config) -> None:
 
 
 _FIELD_NAMES = [f.name for f in fields(Config)]
+
+
+def coerce_value(key: str, value: Any, where: str = "config") -> Any:
+    """``value`` converted to the type of config key ``key`` (alias accepted), as ``from_dict`` does.
+
+    Only the type is checked (e.g. ``"1e-3"`` -> ``0.001`` for a float key, ``2.0`` -> ``2``
+    for an int key), not the ranges or cross-key rules. Raises :class:`ConfigError`.
+    """
+    key = canonical_key(key, where)
+    return _coerce(key, {f.name: f.type for f in fields(Config)}[key], value, where)

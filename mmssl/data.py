@@ -32,9 +32,16 @@ import numpy as np
 import scipy.sparse as sp
 
 from mmssl.errors import ConfigError, DataError
+from mmssl.fingerprint import fingerprint  # noqa: F401 -- re-exported: mmssl.data.fingerprint(ds)
+from mmssl.textfiles import read_text, read_tsv
 
 SPLITS = ("train", "val", "test")
 FEATURE_SUFFIX = "_feat.npy"
+INTER_COLUMNS = ("userID", "itemID", "x_label")
+SPLIT_NAMES = {"train": "train", "val": "validation", "test": "test"}
+SPLIT_NEEDS = {"train": "the model has nothing to learn from",
+               "val": "model selection and early stopping need validation interactions",
+               "test": "the final evaluation needs test interactions"}
 MAX_ID = 2**31 - 2  # ids must fit scipy's int32 sparse indices (with one to spare for the count)
 
 
@@ -69,9 +76,14 @@ class Dataset:
     def select_modalities(self, names: list[str] | None) -> "Dataset":
         """Keep only the named modalities: ``None`` keeps all, ``[]`` keeps none (ID-only).
 
-        Unknown names raise :class:`DataError` naming them and listing the available ones.
-        The interaction matrices are shared with ``self``, not copied.
+        Unknown names raise :class:`DataError` naming them and listing the available ones;
+        so does ``None`` on data without features (the multi-modal model would silently
+        be the ID-only one). The interaction matrices are shared with ``self``, not copied.
         """
+        if names is None and not self.features:
+            raise DataError(f"{self.source}: the data has no item features (no *{FEATURE_SUFFIX} file) but "
+                            f"the config asks for the data's modalities (modalities: null, the default); "
+                            f"add <name>{FEATURE_SUFFIX} files, or set modalities=[] for the ID-only model")
         if names is None:
             return replace(self, features=dict(self.features), warnings=list(self.warnings))
         names = [names] if isinstance(names, str) else names
@@ -100,6 +112,10 @@ class Dataset:
         ds = Dataset(len(keep), self.n_items, mats["train"], mats["val"], mats["test"],
                      dict(self.features),
                      f"{self.source} [users: {len(keep)} of {self.n_users}, seed {seed}]", [])
+        for s in ("val", "test"):
+            if mats[s].nnz == 0:
+                raise DataError(f"{ds.source}: the {SPLIT_NAMES[s]} split of the {len(keep)}-user subset "
+                                f"is empty; {SPLIT_NEEDS[s]} (use more users)")
         ds.warnings = _interaction_warnings(ds, {})
         return ds
 
@@ -230,12 +246,11 @@ class _Pairs(list):
 
 def _read_json_split(p: Path) -> _Split:
     """Parse ``{"<user id>": [item ids]}`` strictly: integer ids, no duplicate keys."""
+    text = read_text(p)  # a BOM / UTF-16 loads as the clean UTF-8 file
     try:
-        obj = json.loads(p.read_bytes(), object_pairs_hook=_Pairs)
+        obj = json.loads(text, object_pairs_hook=_Pairs)
     except json.JSONDecodeError as e:
         raise DataError(f"{p}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}") from e
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(_one_line(f"{p}: cannot read file ({e})")) from e
     if not isinstance(obj, _Pairs):
         raise DataError(f"{p}: expected a JSON object {{\"<user id>\": [item ids]}}, "
                         f"got {type(obj).__name__}")
@@ -283,37 +298,33 @@ def _parse_key(p: Path, key: str) -> int:
 
 
 def _read_inter(p: Path) -> dict[str, _Split]:
-    """Parse an MMRec ``.inter`` TSV with header columns userID, itemID, x_label."""
-    try:
-        text = p.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(_one_line(f"{p}: cannot read file ({e})")) from e
-    lines = text.splitlines()
-    if not lines or not lines[0].strip():
-        raise DataError(f"{p}: empty file (expected a header with userID, itemID, x_label)")
-    header = [h.strip() for h in lines[0].split("\t")]
-    missing = [c for c in ("userID", "itemID", "x_label") if c not in header]
-    if missing:
-        raise DataError(f"{p}: missing column(s) {', '.join(missing)} in header "
-                        f"(found: {', '.join(header)})")
-    cols = [header.index(c) for c in ("userID", "itemID", "x_label")]
-    rows: list[tuple[int, int, int, int]] = []  # (user, item, x_label, line number)
-    for n, line in enumerate(lines[1:], start=2):
-        if not line.strip():
-            continue
-        fields = line.split("\t")
-        if len(fields) != len(header):
-            raise DataError(f"{p}: line {n}: expected {len(header)} tab-separated fields, "
-                            f"found {len(fields)}")
-        u, i, x = (_tsv_int(p, n, header[c], fields[c]) for c in cols)
-        if x not in (0, 1, 2):
-            raise DataError(f"{p}: line {n}: x_label must be 0, 1 or 2 (train/val/test), got {x}")
-        rows.append((u, i, x, n))
-    arr = np.asarray(rows, dtype=np.int64).reshape(-1, 4)
+    """Parse an MMRec ``.inter`` TSV with header columns userID, itemID, x_label.
+
+    Read with :func:`mmssl.textfiles.read_tsv` (pandas): a BOM, UTF-16, CRLF/CR line
+    ends, quoted fields, blank lines and extra columns load as the clean file does.
+    """
+    table, line_no = read_tsv(p, INTER_COLUMNS)
+    ids = {}
+    for col in INTER_COLUMNS:
+        values = table[col]
+        ok = values.str.fullmatch(r"[0-9]{1,10}").to_numpy()
+        if not ok.all():
+            k = int(np.flatnonzero(~ok)[0])
+            _tsv_int(p, int(line_no[k]), col, values.iloc[k])  # raises the one-line DataError
+        ids[col] = values.to_numpy().astype(np.int64)
+        big = np.flatnonzero(ids[col] > MAX_ID)
+        if len(big):
+            _tsv_int(p, int(line_no[big[0]]), col, values.iloc[int(big[0])])
+    x = ids["x_label"]
+    bad = np.flatnonzero((x < 0) | (x > 2))
+    if len(bad):
+        raise DataError(f"{p}: line {line_no[bad[0]]}: x_label must be 0, 1 or 2 (train/val/test), "
+                        f"got {x[bad[0]]}")
     out = {}
     for code, s in enumerate(SPLITS):
-        u, i, _, ln = arr[arr[:, 2] == code].T
-        out[s] = _Split(p, u, i, lambda k, ln=ln: f"line {ln[k]}")
+        sel = x == code
+        out[s] = _Split(p, ids["userID"][sel], ids["itemID"][sel],
+                        lambda k, ln=line_no[sel]: f"line {ln[k]}")
     return out
 
 
@@ -330,10 +341,11 @@ def _tsv_int(p: Path, n: int, col: str, value: str) -> int:
 def _assemble(splits: dict[str, _Split], features: dict[str, tuple[np.ndarray, Path]],
               source: str) -> Dataset:
     """Check ranges, build the CSR matrices and collect warnings (shared by both layouts)."""
-    train = splits["train"]
-    if len(train.items) == 0:
-        what = "no rows with x_label 0" if train.file.suffix == ".inter" else "no interactions"
-        raise DataError(f"{train.file}: the train split is empty ({what})")
+    for code, (s, split) in enumerate(splits.items()):  # the protocol needs all three
+        if len(split.items) == 0:
+            what = f"no rows with x_label {code}" if split.file.suffix == ".inter" else "no interactions"
+            raise DataError(f"{split.file}: the {SPLIT_NAMES[s]} split is empty ({what}); "
+                            f"{SPLIT_NEEDS[s]}")
     n_users = 1 + max(s.max_user for s in splits.values())
     if features:
         arr0, file0 = next(iter(features.values()))

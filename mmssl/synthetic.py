@@ -280,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--overwrite", action="store_true",
                     help="replace existing split and feature files in DIR")
     args = ap.parse_args(argv)
+    from mmssl.cli import check_out_dir  # lazy: mmssl.cli is only needed by the command line
+    check_out_dir(args.out, "--out")
     ds = make_dataset(n_users=args.users, n_items=args.items, seed=args.seed, factors=args.factors)
     out = write(ds, args.out, overwrite=args.overwrite)
     print(f"wrote {out}: {ds.summary()}")

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from mmssl.config import Config
 from mmssl.data import Dataset
 from mmssl.errors import ConfigError, DivergedError
+from mmssl.fingerprint import check_same_data, fingerprint
 from mmssl.graph import to_torch_csr, observed_operators
 from mmssl.metrics import evaluate
 from mmssl.model import MMSSL, Discriminator
@@ -65,6 +66,14 @@ class Run:
         self.best_state: dict[str, Any] | None = None
         self.history: list[dict[str, float]] = []
         self.seconds = 0.0
+        self._fingerprint: dict[str, Any] | None = None
+
+    @property
+    def fingerprint(self) -> dict[str, Any]:
+        """:func:`mmssl.fingerprint.fingerprint` of the data this run trains on (computed once)."""
+        if self._fingerprint is None:
+            self._fingerprint = fingerprint(self.data)
+        return self._fingerprint
 
     # -- one epoch ------------------------------------------------------------
     def train_epoch(self, timer=no_timer, progress: bool = False) -> dict[str, float]:
@@ -121,7 +130,7 @@ class Run:
             "optimizer_d": self.opt_d.state_dict() if self.opt_d is not None else None,
             "epoch": self.epoch, "step": self.step, "best_metric": self.best, "best_epoch": self.best_epoch,
             "bad_epochs": self.bad_epochs, "best_state": self.best_state, "history": self.history,
-            "seconds": self.seconds, "config": self.cfg.to_dict(),
+            "seconds": self.seconds, "config": self.cfg.to_dict(), "data_fingerprint": self.fingerprint,
             "rng": {"torch": torch.get_rng_state(), "numpy": self.sampler.rng.bit_generator.state,
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
         }
@@ -141,9 +150,7 @@ class Run:
         if not path.is_file():
             raise ConfigError(f"{path}: no checkpoint to resume from")
         ck = torch.load(path, map_location=self.device, weights_only=False)
-        diff = sorted(k for k, v in ck["config"].items() if k not in RESUME_FREE and self.cfg.to_dict().get(k) != v)
-        if diff:
-            raise ConfigError(f"{path}: checkpoint was trained with a different config ({', '.join(diff)})")
+        check_resume(ck, self.cfg, self.fingerprint, path)
         self.model.load_state_dict(ck["model"])
         self.model.load_graph_state(ck["graphs"])
         self.opt.load_state_dict(ck["optimizer"])
@@ -160,6 +167,20 @@ class Run:
 
     def done(self) -> bool:
         return self.epoch >= self.cfg.epochs or (self.cfg.patience > 0 and self.bad_epochs >= self.cfg.patience)
+
+
+def check_resume(checkpoint: dict[str, Any], cfg: Config, data_fingerprint: dict[str, Any], where) -> None:
+    """Refuse to continue ``checkpoint`` with another config or on other data.
+
+    Raises :class:`ConfigError` naming the config keys that differ (except
+    ``RESUME_FREE``), or :class:`mmssl.errors.DataError` naming what changed in the
+    data (:func:`mmssl.fingerprint.check_same_data`; a checkpoint without a
+    fingerprint, from before they existed, is accepted).
+    """
+    diff = sorted(k for k, v in checkpoint["config"].items() if k not in RESUME_FREE and cfg.to_dict().get(k) != v)
+    if diff:
+        raise ConfigError(f"{where}: checkpoint was trained with a different config ({', '.join(diff)})")
+    check_same_data(checkpoint.get("data_fingerprint"), data_fingerprint, str(where))
 
 
 def fit(config: Config, data: Dataset, on_epoch: OnEpoch | None = None, resume_from=None,

@@ -13,10 +13,13 @@ import sys
 import warnings
 from pathlib import Path
 
-from mmssl.cli import run_main
+from mmssl import jsonio
+from mmssl.cli import check_out_dir, run_main
 from mmssl.config import Config, read_yaml_mapping
 from mmssl.errors import ConfigError
 
+METRIC_WHY = ("a metric is null where its value was not a finite number (NaN: no user of the split "
+              "could be scored; inf: overflow); 'nonfinite' maps each null to what it was")
 SMOKE = {"epochs": 3, "batch_size": 128, "embed_dim": 32, "patience": 0}
 
 
@@ -48,7 +51,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _resolve(args) -> tuple[Config, str, Path, bool]:
     if args.resume:
-        out = Path(args.resume)
+        ignored = [flag for flag, v in (("--data", args.data), ("--out", args.out), ("--config", args.config),
+                                        ("--set", args.set), ("--subset-users", args.subset_users),
+                                        ("--smoke-test", args.smoke_test), ("--seed", args.seed)) if v]
+        if ignored:
+            raise ConfigError(f"--resume continues the run with its recorded data and config; "
+                              f"{', '.join(ignored)} cannot apply (allowed with --resume: --epochs, --device, --quiet)")
+        out = check_out_dir(args.resume, "--resume")
         if not (out / "checkpoint.pt").is_file() or not (out / "run.json").is_file():
             raise ConfigError(f"{out}: not a resumable run folder (needs checkpoint.pt and run.json)")
         run = json.loads((out / "run.json").read_text())
@@ -58,7 +67,7 @@ def _resolve(args) -> tuple[Config, str, Path, bool]:
     else:
         if not args.out:
             raise ConfigError("--out is required (or --resume OUT)")
-        out = Path(args.out)
+        out = check_out_dir(args.out, "--out")  # before any data is loaded
         if (out / "metrics.jsonl").exists() or (out / "checkpoint.pt").exists():
             raise ConfigError(f"{out}: already holds a run; use --resume {out} or another --out")
         overrides = list(args.set)
@@ -71,6 +80,8 @@ def _resolve(args) -> tuple[Config, str, Path, bool]:
     extra = {k: v for k, v in (("epochs", args.epochs), ("device", args.device), ("seed", args.seed)) if v is not None}
     if extra:
         cfg = cfg.replace(**extra)
+        if args.resume:
+            print(f"resume: applying {', '.join(f'{k}={v}' for k, v in extra.items())}", file=sys.stderr)
     return cfg, data, out, bool(args.resume)
 
 
@@ -107,25 +118,32 @@ def main(argv: list[str] | None = None) -> int:
     metrics_path = out / "metrics.jsonl"
     if resuming:  # keep the lines up to the checkpoint's epoch; later ones are re-run
         import torch
-        ck_epoch = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=False)["epoch"]
+
+        from mmssl.fingerprint import fingerprint
+        from mmssl.train import check_resume
+
+        ck = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=False)
+        check_resume(ck, cfg, fingerprint(data), out / "checkpoint.pt")  # before anything is rewritten
+        ck_epoch = ck["epoch"]
+        del ck
         lines = metrics_path.read_text().splitlines() if metrics_path.exists() else []
         kept = [ln for ln in lines if ln.strip() and json.loads(ln)["epoch"] <= ck_epoch]
         metrics_path.write_text("".join(ln + "\n" for ln in kept))
         print(f"resuming {out} after epoch {ck_epoch}", file=sys.stderr)
     else:
         (out / "config.yaml").write_text(cfg.to_yaml())
-        (out / "run.json").write_text(json.dumps({"data": source, "subset_users": args.subset_users,
-                                                  "argv": sys.argv}, indent=1))
+        (out / "run.json").write_text(jsonio.dumps({"data": source, "subset_users": args.subset_users,
+                                                    "argv": sys.argv}, indent=1))
 
     def on_epoch(epoch, metrics, save_checkpoint):
         with metrics_path.open("a") as fh:
-            fh.write(json.dumps(metrics) + "\n")
+            fh.write(jsonio.dumps(metrics, why=METRIC_WHY) + "\n")
         save_checkpoint(out)
         print(_line(metrics, cfg.epochs), file=sys.stderr, flush=True)
 
     result = fit(cfg, data, on_epoch=on_epoch, resume_from=out if resuming else None,
                  progress=not args.quiet and sys.stderr.isatty())
-    (out / "result.json").write_text(json.dumps(result, indent=1))
+    (out / "result.json").write_text(jsonio.dumps(result, indent=1, why=METRIC_WHY))
     print(f"best epoch {result['best_epoch']}: val recall@20 {result.get('val/recall@20', float('nan')):.4f}  "
           f"test recall@20 {result['test/recall@20']:.4f} ndcg@20 {result['test/ndcg@20']:.4f}  "
           f"({result['seconds']:.1f}s) -> {out}/result.json")

@@ -132,7 +132,7 @@ def test_clean_data_has_no_warnings(tmp_path):
 
 def test_ids_only_counts_and_float16(tmp_path):
     """Without features n_items = max item id + 1; float16 features become float32."""
-    splits = {"train": {0: [7]}, "val": {4: []}, "test": {}}
+    splits = {"train": {0: [7]}, "val": {4: [1]}, "test": {1: [2]}}
     ds = quiet_load(write_mmssl(tmp_path / "a", splits, features={}))
     assert (ds.n_users, ds.n_items) == (5, 8)
     f16 = {"img": np.ones((9, 2), np.float16)}
@@ -262,7 +262,7 @@ def test_unreadable_npy(tmp_path):
     ("userID\titemID\tx_label\n-2\t1\t0\n", ["tiny.inter", "line 2", "negative userID '-2'"]),
     ("userID\titemID\tx_label\n0\t1\t3\n", ["tiny.inter", "line 2", "x_label", "got 3"]),
     ("userID\titemID\tx_label\n0\t1\t1\n0\t2\t2\n", ["tiny.inter", "train split is empty"]),
-    ("userID\titemID\tx_label\n0\t1\t0\n1\t60\t1\n", ["tiny.inter", "line 3", "item id 60", "6"]),
+    ("userID\titemID\tx_label\n0\t1\t0\n1\t60\t1\n1\t2\t2\n", ["tiny.inter", "line 3", "item id 60", "6"]),
 ])
 def test_inter_errors(tmp_path, text, fragments):
     root = write_mmrec(tmp_path / "d")

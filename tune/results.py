@@ -15,7 +15,6 @@ Written into the experiment folder ``OUT/NAME/``:
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from ray.tune.utils import flatten_dict
+
+from mmssl import jsonio
 
 from tune.runner import failure_reason
 from tune.searcher import FINISHED_KEY
@@ -140,7 +141,8 @@ def write_outputs(exp_dir: Path, space: Space, trials: pd.DataFrame, curves: pd.
     trials.to_csv(exp_dir / "trials.csv", index=False)
     trials.to_parquet(exp_dir / "trials.parquet", index=False)
     curves.to_parquet(exp_dir / "curves.parquet", index=False)
-    (exp_dir / "best.json").write_text(json.dumps({**best, "cost": ledger}, indent=2, default=_json))
+    (exp_dir / "best.json").write_text(jsonio.dumps({**best, "cost": ledger}, indent=2, default=_json,
+                                                    why="null: a value that was not a finite number"))
     md = summary_markdown(space, trials, best, ledger)
     (exp_dir / "summary.md").write_text(md)
     return md

@@ -12,7 +12,6 @@
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -28,8 +27,10 @@ import ray
 from ray import cloudpickle, tune
 from ray.tune.schedulers import ASHAScheduler
 
+from mmssl import jsonio
 from mmssl.data import Dataset
-from tune.searcher import FINISHED_KEY, PruneAwareOptunaSearch
+from mmssl.fingerprint import check_same_data
+from tune.searcher import FINISHED_KEY, PruneAwareOptunaSearch, ResumableLimiter
 from tune.space import Space
 from tune.trainable import FAULT_ENV, run_final_seed, train_mmssl
 
@@ -92,8 +93,8 @@ def make_tuner(space: Space, data: Dataset, exp_dir: Path, callbacks=()) -> tupl
                               reduction_factor=space.reduction_factor)
     tuner = tune.Tuner(
         trainable_for(space, data),
-        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=space.num_samples,
-                                    max_concurrent_trials=min(space.max_concurrent, space.num_samples),
+        tune_config=tune.TuneConfig(search_alg=ResumableLimiter(searcher, min(space.max_concurrent, space.num_samples)),
+                                    scheduler=scheduler, num_samples=space.num_samples,
                                     reuse_actors=True, trial_dirname_creator=_trial_dirname),
         run_config=run_config(exp_dir, callbacks),
     )
@@ -133,11 +134,14 @@ def restore_tuner(space: Space, data: Dataset, exp_dir: Path) -> tune.Tuner:
                               resume_unfinished=True, resume_errored=False, restart_errored=False)
 
 
-def run_final(space: Space, config: dict[str, Any], data: Dataset, cache_dir: Path) -> list[dict[str, Any]]:
+def run_final(space: Space, config: dict[str, Any], data: Dataset, cache_dir: Path,
+              data_fingerprint: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Re-train ``config`` once per ``space.final_seeds`` (Ray tasks, in parallel as resources
     allow); each run's test split is evaluated once, at its best validation epoch.
 
-    Finished seeds are cached in ``cache_dir/seed_<s>.json`` and not re-run on ``--resume``.
+    Finished seeds are cached in ``cache_dir/seed_<s>.json`` (with the data's fingerprint)
+    and not re-run on ``--resume``; a cached seed of the same config on other data raises
+    :class:`mmssl.errors.DataError` naming what changed.
     """
     cache_dir.mkdir(parents=True, exist_ok=True)
     task = ray.remote(num_cpus=space.cpus_per_trial, num_gpus=space.gpus_per_trial)(run_final_seed)
@@ -147,7 +151,9 @@ def run_final(space: Space, config: dict[str, Any], data: Dataset, cache_dir: Pa
         cfg = {**config, "seed": int(seed)}
         path = cache_dir / f"seed_{seed}.json"
         if path.is_file():
-            cached = json.loads(path.read_text())
+            cached = jsonio.loads(path.read_text())
+            if cached.get("config") == cfg and data_fingerprint is not None:
+                check_same_data(cached.get("data_fingerprint"), data_fingerprint, str(path))
             if cached.get("config") == cfg:
                 done[seed] = cached["result"]
                 continue
@@ -155,7 +161,8 @@ def run_final(space: Space, config: dict[str, Any], data: Dataset, cache_dir: Pa
         pending[seed] = (task.remote(cfg, data_ref, space.cpus_per_trial), cfg)
     for seed, (ref, cfg) in pending.items():
         result = ray.get(ref)
-        (cache_dir / f"seed_{seed}.json").write_text(json.dumps({"config": cfg, "result": result}, indent=1))
+        (cache_dir / f"seed_{seed}.json").write_text(jsonio.dumps(
+            {"config": cfg, "data_fingerprint": data_fingerprint, "result": result}, indent=1))
         done[seed] = result
         outcome = result.get("error") or f"test/recall@20 {result.get('test/recall@20', float('nan')):.4f}"
         print(f"final seed {seed}: {outcome}", flush=True)
@@ -244,3 +251,35 @@ def _short(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
     return str(v)
+
+
+@contextmanager
+def ray_console_to(log_file: Path) -> Iterator[Any]:
+    """Ray's own console messages go to ``log_file`` for the duration of the block.
+
+    Ray logs through Python's ``logging`` under ``ray`` with handlers that write to
+    the console: the token-authentication warning at ``ray.init``, ``Trials did not
+    complete: [...]`` after a failed trial (already in the summary). Their streams are
+    pointed at ``log_file`` now and by calling the yielded function again after
+    ``ray.init`` (which may add handlers); the previous streams come back on exit.
+    """
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    fh = open(log_file, "a", buffering=1)
+    saved: list[tuple[logging.StreamHandler, Any]] = []
+
+    def route() -> None:
+        names = ["ray"] + [n for n in logging.root.manager.loggerDict if n.startswith("ray.")]
+        for name in names:
+            logger = logging.getLogger(name)
+            for h in logger.handlers:
+                if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler) \
+                        and h.stream is not fh:
+                    saved.append((h, h.setStream(fh)))
+
+    route()
+    try:
+        yield route
+    finally:
+        for h, old in reversed(saved):
+            h.setStream(old)
+        fh.close()

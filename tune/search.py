@@ -23,7 +23,6 @@ seeds at the full budget, each evaluated once on test. Outputs in ``OUT/NAME/``:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -35,7 +34,8 @@ if __name__ == "__main__":  # run as a script: import the repo's packages, not t
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mmssl.cli import run_main  # noqa: E402
+from mmssl import jsonio  # noqa: E402
+from mmssl.cli import check_out_dir, run_main  # noqa: E402
 from mmssl.errors import ConfigError  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -76,21 +76,73 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+RECORD_VERSION = 2  # search.json: 2 = exact params (Param.to_dict) and the data fingerprint
+# On --resume: flags that can apply (the override key they set) and flags that cannot.
+RESUME_APPLIES = {"max_concurrent": "--max-concurrent", "final_seeds": "--final-seeds"}
+RESUME_REFUSES = {"data": "--data", "subset_users": "--subset-users", "num_samples": "--num-samples",
+                  "max_epochs": "--max-epochs", "cpus_per_trial": "--cpus-per-trial",
+                  "gpus_per_trial": "--gpus-per-trial", "seed": "--seed", "set": "--set", "smoke_test": "--smoke-test"}
+
+
+def resume_flags(args: argparse.Namespace) -> dict:
+    """The flags given with ``--resume`` that apply, as overrides; ConfigError naming the others.
+
+    Trials already ran with the recorded data, budget, resources, sampler seed and
+    fixed settings, so those cannot change; the concurrency limit and the final
+    re-training's seeds can (``--address``, ``--space``, ``--out``, ``--name`` only
+    locate the cluster and the experiment).
+    """
+    given = lambda v: bool(v) if isinstance(v, (bool, list)) else v is not None  # noqa: E731 -- 0 is given
+    refused = [flag for key, flag in RESUME_REFUSES.items() if given(getattr(args, key))]
+    if refused:
+        raise ConfigError(f"--resume continues the recorded search: {', '.join(refused)} cannot change on resume "
+                          f"(allowed: {', '.join(RESUME_APPLIES.values())}, --address; --space/--out/--name locate it)")
+    return {key: getattr(args, key) for key in RESUME_APPLIES if getattr(args, key) is not None}
+
+
+def read_record(exp_dir: Path) -> dict:
+    """``exp_dir/search.json`` (what the search was started with); ConfigError if absent."""
+    saved = exp_dir / "search.json"
+    if not saved.is_file():
+        raise ConfigError(f"--resume: {saved} not found (give the --out/--name of an existing experiment)")
+    try:
+        return jsonio.loads(saved.read_text())
+    except ValueError as e:
+        raise ConfigError(f"--resume: {saved} is not valid JSON ({e})") from None
+
+
 def resolve(args: argparse.Namespace):
     """The validated Space for this run (file + smoke settings + flags) and the experiment folder."""
-    from tune.space import Space, load_space
+    from tune.space import Space, load_space, space_changes
 
+    if args.out:
+        check_out_dir(args.out, "--out")  # before any data is loaded or Ray starts
     if args.resume:
+        applied = resume_flags(args)
         defaults = load_space(args.space) if args.space else Space(path="", params={})
         exp_dir = Path(args.out or defaults.out) / (args.name or defaults.name)
-        saved = exp_dir / "search.json"
-        if not saved.is_file():
-            raise ConfigError(f"--resume: {saved} not found (give the --out/--name of an existing experiment)")
-        d = json.loads(saved.read_text())
+        d = read_record(exp_dir)
         path = args.space or d["path"]
         if not Path(path).is_file():
-            raise ConfigError(f"--resume: the space file {path} recorded in {saved} is gone; pass --space")
-        return load_space(path).override(**d["overrides"]), d["overrides"], exp_dir
+            raise ConfigError(f"--resume: the space file {path} recorded in {exp_dir / 'search.json'} is gone; "
+                              f"pass --space")
+        if "max_concurrent" in applied and d.get("version", 1) < RECORD_VERSION:
+            raise ConfigError(f"--resume: --max-concurrent cannot change for {exp_dir}: it was started before "
+                              f"the limit could be changed on resume (its Ray state keeps the old limit)")
+        overrides = {**d["overrides"], **applied}
+        space = load_space(path).override(**overrides)
+        if d.get("version", 1) >= RECORD_VERSION:  # older records wrote the params differently
+            diff = space_changes(d["space"], jsonio.loads(jsonio.dumps(space.to_dict(), default=str)),
+                                 ignore=tuple(applied))
+            if diff:
+                raise ConfigError(f"--resume: the search settings changed since the search started "
+                                  f"({'; '.join(diff)}): {path} differs from the copy in "
+                                  f"{exp_dir / 'search.json'}; restore it, or start a new search")
+        for key, value in applied.items():
+            was = d["space"].get(key) if "space" in d else None
+            now = getattr(space, key)
+            print(f"resume: applying {RESUME_APPLIES[key]} {_plain_list(now)} (was {_plain_list(was)})", flush=True)
+        return space, overrides, exp_dir
     path = args.space or (str(DEFAULT_SPACE) if args.smoke_test else None)
     if not path:
         raise ConfigError("--space FILE is required (or --smoke-test, or --resume)")
@@ -103,7 +155,12 @@ def resolve(args: argparse.Namespace):
     overrides.update({k: v for k, v in flags.items() if v is not None})
     overrides["sets"] = list(overrides.get("sets", [])) + list(args.set)
     space = space.override(**overrides)
+    check_out_dir(space.out, "--out" if args.out else "out")
     return space, overrides, Path(space.out) / space.name
+
+
+def _plain_list(v):
+    return list(v) if isinstance(v, (list, tuple)) else v
 
 
 def load_data(space):
@@ -131,6 +188,11 @@ def main(argv: list[str] | None = None) -> int:
         data = load_data(space)  # DataError -> one line, exit 2, before Ray starts
     for w in caught:
         print(f"warning: {str(w.message).splitlines()[0]}", file=sys.stderr)
+    data.select_modalities(space.base_config().get("modalities"))  # e.g. no features: exit 2 now, not per trial
+    from mmssl.fingerprint import check_same_data, fingerprint
+    data_fp = fingerprint(data)
+    if args.resume:  # the trials and the final seeds must continue on the data they started on
+        check_same_data(read_record(exp_dir).get("data_fingerprint"), data_fp, f"--resume {exp_dir}")
     print(f"data: {data.summary()}", flush=True)
     exp_dir = exp_dir.resolve()
     t0 = time.time()
@@ -138,23 +200,28 @@ def main(argv: list[str] | None = None) -> int:
     import optuna  # heavy imports only once the input is known to be good
     from tune import results as res
     from tune.searcher import PruneAwareOptunaSearch
-    from tune.runner import STUDY_FILE, STUDY_NAME, Progress, make_tuner, ray_session, restore_tuner, run_final
+    from tune.runner import (STUDY_FILE, STUDY_NAME, Progress, make_tuner, ray_console_to, ray_session,
+                             restore_tuner, run_final)
+    from tune.searcher import ResumableLimiter
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    with ray_session(address=args.address):
+    record = {"version": RECORD_VERSION, "path": os.path.abspath(space.path), "overrides": overrides, "space": space.to_dict(),
+              "data_fingerprint": data_fp}
+    with ray_console_to(exp_dir / "ray.log") as reroute, ray_session(address=args.address):
+        reroute()  # ray.init may have added console handlers
         if args.resume:
+            ResumableLimiter.max_concurrent_on_restore = space.max_concurrent if "max_concurrent" in overrides else None
             tuner = restore_tuner(space, data, exp_dir)
         else:
             tuner, _ = make_tuner(space, data, exp_dir, callbacks=[Progress(space)])
-            (exp_dir / "search.json").write_text(json.dumps(
-                {"path": os.path.abspath(space.path), "overrides": overrides, "space": space.to_dict()},
-                indent=1, default=str))
+        (exp_dir / "search.json").write_text(jsonio.dumps(record, indent=1, default=str))
         print(f"search: {space.num_samples} trials x <= {space.max_epochs} epochs, "
               f"ASHA grace {space.grace_period} / factor {space.reduction_factor:g}, -> {exp_dir}", flush=True)
         try:
             grid = tuner.fit()
         finally:
             PruneAwareOptunaSearch.study_path_on_restore = None
+            ResumableLimiter.max_concurrent_on_restore = None
         wall_search = time.time() - t0
         finished = res.count_finished(grid)
         if finished < space.num_samples:  # Ctrl-C / SIGTERM: Ray saved the state and returned
@@ -177,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
                         params=params, config=config, val=val)
             if space.final_seeds:
                 print(f"final: re-training trial {top['trial_id']} with seeds {list(space.final_seeds)}", flush=True)
-                finals = run_final(space, config, data, exp_dir / "final")
+                finals = run_final(space, config, data, exp_dir / "final", data_fingerprint=data_fp)
             best["final"] = res.final_table(finals)
         ledger = res.cost_ledger(trials, space, wall_search, time.time() - t1, finals)
         md = res.write_outputs(exp_dir, space, trials, curves, best, ledger)

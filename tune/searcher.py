@@ -37,6 +37,7 @@ from typing import Any
 import optuna
 from optuna.distributions import BaseDistribution
 from optuna.trial import TrialState
+from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
 logger = logging.getLogger(__name__)
@@ -166,3 +167,22 @@ def _finite(value: Any) -> float | None:
 def load_study(path: str | os.PathLike, study_name: str = "mmssl") -> optuna.Study:
     """Reload a finished (or running) search's study from its ``study.db``."""
     return optuna.load_study(study_name=study_name, storage=storage_url(path))
+
+
+class ResumableLimiter(ConcurrencyLimiter):
+    """Ray's ``ConcurrencyLimiter`` whose limit can be changed when an experiment is resumed.
+
+    ``Tuner.restore`` brings back the limiter's saved state, ``max_concurrent``
+    included (``SearchGenerator.restore_from_dir`` calls ``set_state``), so a new
+    ``max_concurrent_trials`` would be silently ignored. Set the class attribute
+    ``max_concurrent_on_restore`` before ``Tuner.restore`` to apply a new limit;
+    ``None`` keeps the saved one.
+    """
+
+    max_concurrent_on_restore: int | None = None
+
+    def set_state(self, state: dict) -> None:
+        super().set_state(state)
+        k = type(self).max_concurrent_on_restore
+        if k:
+            self.max_concurrent = int(k)

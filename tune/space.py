@@ -34,7 +34,7 @@ from typing import Any
 from optuna.distributions import (BaseDistribution, CategoricalDistribution, FloatDistribution,
                                   IntDistribution)
 
-from mmssl.config import Config, canonical_key, parse_override, read_yaml_mapping
+from mmssl.config import Config, canonical_key, coerce_value, parse_override, read_yaml_mapping
 from mmssl.errors import ConfigError
 
 TOP_KEYS = ("data", "subset_users", "fixed", "search", "metric", "budget", "asha", "final", "tpe",
@@ -48,6 +48,8 @@ DIST_FIELDS = {  # distribution -> (required fields, optional fields)
 NOT_SEARCHABLE = {"epochs": "the budget (fixed.epochs / --max-epochs) and ASHA's max_t",
                   "seed": "the final re-training's seeds (final.seeds)",
                   "device": "Ray's GPU assignment (budget.gpus_per_trial)"}
+PAIR_LIMIT = 4096  # value pairs checked per two parameters (beyond: the longer list at its bounds)
+MAX_ENUM = 256  # int ranges / categoricals / stepped grids up to this size are checked value by value
 METRIC_RE = re.compile(r"^val/(recall|ndcg|precision|hit)@(10|20|50)$")
 # section -> {key: (kind, default)}; kind: "int" (>= 1), "pos" (> 0), "nonneg" (>= 0), "rf" (> 1)
 SECTIONS = {
@@ -83,6 +85,34 @@ class Param:
     def extremes(self) -> list[Any]:
         """Values that must all be valid for the model (the bounds, or every choice)."""
         return list(self.choices) if self.dist == "categorical" else [self.low, self.high]
+
+    def values(self) -> list[Any]:
+        """Every value the distribution can produce when there are at most ``MAX_ENUM``
+        (categorical, int range, stepped uniform grid), else the bounds only."""
+        if self.dist == "categorical":
+            return list(self.choices)
+        if self.dist == "int":  # a log int range still produces every integer in it
+            step = self.step or 1
+            if (self.high - self.low) // step + 1 <= MAX_ENUM:
+                return list(range(int(self.low), int(self.high) + 1, int(step)))
+        elif self.dist == "uniform" and self.step is not None:
+            n = int(round((self.high - self.low) / self.step))
+            if n + 1 <= MAX_ENUM:
+                return [self.low + k * self.step for k in range(n)] + [self.high]
+        return [self.low, self.high]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The space-file form: ``dist`` plus the fields given (``log`` only when true)."""
+        d: dict[str, Any] = {"dist": self.dist}
+        if self.dist == "categorical":
+            d["choices"] = list(self.choices)
+            return d
+        d.update(low=self.low, high=self.high)
+        if self.step is not None:
+            d["step"] = self.step
+        if self.log and self.dist == "int":
+            d["log"] = True
+        return d
 
 
 @dataclass(frozen=True)
@@ -157,8 +187,7 @@ class Space:
     def to_dict(self) -> dict[str, Any]:
         """A plain mapping (for the experiment folder's ``search.json``)."""
         d = dataclasses.asdict(self)
-        d["params"] = {k: {f: v for f, v in dataclasses.asdict(p).items() if v not in (None, (), False)}
-                       for k, p in self.params.items()}
+        d["params"] = {k: p.to_dict() for k, p in self.params.items()}
         d["final_seeds"] = list(self.final_seeds)
         return d
 
@@ -289,9 +318,19 @@ def _check_param(key: str, spec: Any, where: str) -> Param:
         for c in choices:
             if c is not None and not isinstance(c, (bool, int, float, str)):
                 raise ConfigError(f"{w}: choices must be scalars (number, string, bool, null), got {c!r}")
-        if len({repr(c) for c in choices}) != len(choices):
-            raise ConfigError(f"{w}: choices must be distinct, got {choices!r}")
-        return Param(key, dist, choices=tuple(choices))
+        typed = []
+        for c in choices:  # the value a trial gets (e.g. YAML's string "1e-3" -> 0.001 for a float key)
+            try:
+                v = coerce_value(key, c, w)
+            except ConfigError:
+                v = c  # reported with its key by the value check
+            typed.append(v if isinstance(v, (bool, int, float)) else c)
+        for i, a in enumerate(typed):
+            for b in typed[i + 1:]:
+                if a == b:  # Optuna finds a choice by ==: 1, 1.0 and true are one choice to it
+                    raise ConfigError(f"{w}: choices must be distinct values, got {a!r} and {b!r} "
+                                      f"(equal as numbers) in {choices!r}")
+        return Param(key, dist, choices=tuple(typed))
     low, high = _float(spec["low"], f"{w}.low"), _float(spec["high"], f"{w}.high")
     if low >= high:
         raise ConfigError(f"{w}: low ({low:g}) must be < high ({high:g})")
@@ -307,6 +346,12 @@ def _check_param(key: str, spec: Any, where: str) -> Param:
             raise ConfigError(f"{w}.step: must be > 0 and <= high - low ({high - low:g}), got {step:g}")
         if log:
             raise ConfigError(f"{w}: 'step' cannot be combined with a log scale")
+        n = (high - low) / step
+        if abs(n - round(n)) > 1e-9 * max(1.0, n):
+            top = low + math.floor(n + 1e-9) * step
+            raise ConfigError(f"{w}.step: high - low = {high - low:g} is not a multiple of the step {step:g}, "
+                              f"so Optuna would search [{low:g}, {top:g}], not up to high = {high:g}; "
+                              f"choose a step that divides the range")
     if dist == "int":
         for name, v in (("low", low), ("high", high), ("step", step)):
             if v is not None and not float(v).is_integer():
@@ -335,14 +380,40 @@ def _check_search(search: Any, fixed: dict[str, Any], where: str) -> dict[str, P
 
 
 def _check_extremes(params: dict[str, Param], fixed: dict[str, Any], where: str) -> None:
-    """Every bound and every choice, on top of ``fixed``, must make a valid Config."""
-    for key, param in params.items():
-        for value in param.extremes():
-            try:
-                Config.from_dict({**fixed, key: value})
-            except ConfigError as e:
-                msg = str(e).split(": ", 1)[-1]
-                raise ConfigError(f"{where}: search.{key}: value {value!r} is not valid ({msg})") from None
+    """Every value a distribution can produce, on top of ``fixed``, must make a valid Config.
+
+    Each parameter's :meth:`Param.values` (all of them for categoricals, int ranges and
+    stepped grids up to ``MAX_ENUM`` values; the bounds otherwise: the model's rules on a
+    float are bounds) is checked alone and with every value of every other parameter,
+    which covers the Config's cross-key rules (all between two keys, e.g. ``n_heads``
+    must divide ``embed_dim``); past ``PAIR_LIMIT`` pairs the longer list is cut to its
+    bounds. The first invalid value is named with what it was paired with.
+    """
+    def check(values: dict[str, Any], key: str) -> None:
+        try:
+            Config.from_dict({**fixed, **values})
+        except ConfigError as e:
+            msg = str(e).split(": ", 1)[-1]
+            others = [f"{k}={v!r}" + ("" if k in params else " (fixed)") for k, v in values.items() if k != key]
+            fixed_dep = [f"{k}={v!r} (fixed)" for k, v in fixed.items() if k in msg and k not in values]
+            ctx = others + fixed_dep
+            with_ = f" with {', '.join(ctx)}" if ctx else ""
+            raise ConfigError(f"{where}: search.{key}: value {values[key]!r}{with_} is not valid ({msg}); "
+                              f"every value the distribution can produce must be valid") from None
+
+    values = {k: p.values() for k, p in params.items()}
+    keys = list(params)
+    for key in keys:
+        for v in values[key]:
+            check({key: v}, key)
+    for i, a in enumerate(keys):
+        for b in keys[i + 1:]:
+            va, vb = values[a], values[b]
+            if len(va) * len(vb) > PAIR_LIMIT:  # keep it fast: the longer list at its bounds only
+                va, vb = (va, vb[:: max(1, len(vb) - 1)]) if len(va) <= len(vb) else (va[:: max(1, len(va) - 1)], vb)
+            for x in va:
+                for y in vb:
+                    check({b: y, a: x}, b)
 
 
 def _check_whole(space: Space) -> None:
@@ -354,6 +425,36 @@ def _check_whole(space: Space) -> None:
     if space.data.startswith("synthetic:") and not re.fullmatch(r"synthetic:[1-9]\d*x[1-9]\d*", space.data):
         raise ConfigError(f"{w}: data: expected 'synthetic', 'synthetic:<users>x<items>' or a directory, "
                           f"got {space.data!r}")
+    if "/" in space.name or "\\" in space.name or space.name.strip() in ("", ".", ".."):
+        raise ConfigError(f"{w}: name: must be one folder name (OUT/NAME holds the experiment), got {space.name!r}")
     if space.grace_period > space.max_epochs:
         raise ConfigError(f"{w}: asha.grace_period ({space.grace_period}) must be <= the maximum "
                           f"epochs ({space.max_epochs}; fixed.epochs or --max-epochs)")
+
+
+def space_changes(old: dict[str, Any], new: dict[str, Any], ignore: tuple[str, ...] = ()) -> list[str]:
+    """What differs between two :meth:`Space.to_dict` records (as read back from JSON), one
+    phrase each: ``"search.dropout.high 0.5 -> 0.4"``, ``"fixed.epochs 60 -> 80"``, ``"num_samples 8 -> 9"``.
+    ``path``, ``name``, ``out`` (where the file and the experiment are) and ``ignore`` are skipped."""
+    out: list[str] = []
+    skip = {"path", "name", "out", *ignore}
+    for key in sorted((set(old) | set(new)) - skip):
+        a, b = old.get(key), new.get(key)
+        if a == b:
+            continue
+        if key in ("params", "fixed") and isinstance(a, dict) and isinstance(b, dict):
+            label = "search" if key == "params" else "fixed"
+            for k in sorted(set(a) | set(b)):
+                if k not in b:
+                    out.append(f"{label}.{k} removed")
+                elif k not in a:
+                    out.append(f"{label}.{k} added")
+                elif a[k] != b[k]:
+                    if isinstance(a[k], dict) and isinstance(b[k], dict):
+                        out += [f"{label}.{k}.{f} {a[k].get(f)!r} -> {b[k].get(f)!r}"
+                                for f in sorted(set(a[k]) | set(b[k])) if a[k].get(f) != b[k].get(f)]
+                    else:
+                        out.append(f"{label}.{k} {a[k]!r} -> {b[k]!r}")
+        else:
+            out.append(f"{key} {a!r} -> {b!r}")
+    return out

@@ -19,7 +19,6 @@ epoch 3: train/loss_d = nan``); Ray marks the trial ERROR and the search goes on
 """
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from pathlib import Path
@@ -29,6 +28,7 @@ import ray
 import torch
 from ray import tune
 
+from mmssl import jsonio
 from mmssl.config import Config
 from mmssl.data import Dataset
 from mmssl.errors import DivergedError
@@ -70,12 +70,12 @@ class Tracker:
 
     def save(self, directory: str | Path) -> None:
         state = {k: getattr(self, k) for k in ("best_select", "best_epoch", "best_value", "last")}
-        Path(directory, STATE_FILE).write_text(json.dumps(state))
+        Path(directory, STATE_FILE).write_text(jsonio.dumps(state, why="-inf/nan: no epoch selected yet"))
 
     def load(self, directory: str | Path) -> None:
         path = Path(directory, STATE_FILE)
         if path.is_file():
-            for k, v in json.loads(path.read_text()).items():
+            for k, v in jsonio.loads(path.read_text()).items():
                 setattr(self, k, v)
 
 

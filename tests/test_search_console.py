@@ -1,0 +1,71 @@
+"""A real (tiny) search in a subprocess (issue 7, parts 4 and 5): the console shows the
+project's own progress and summary, Ray's messages go to OUT/NAME/ray.log, every JSON
+file is strict, and ``--resume`` applies ``--max-concurrent`` and says so. About 1-2 min."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tune.trainable import FAULT_ENV
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _search(*args, env=None):
+    return subprocess.run([sys.executable, "tune/search.py", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=500, env={**os.environ, **(env or {})})
+
+
+def _strict(path: Path):
+    def bad(token):
+        raise ValueError(f"{path}: non-JSON token {token}")
+    return json.loads(path.read_text(), parse_constant=bad)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("console")
+    fault = tmp_path_factory.mktemp("fault")
+    p = _search("--smoke-test", "--out", str(out), "--name", "c", "--num-samples", "3", "--max-epochs", "3",
+                "--final-seeds", "1", env={FAULT_ENV: str(fault)})
+    return {"proc": p, "out": out, "dir": out / "c"}
+
+
+def test_console_has_no_ray_noise_and_ray_log_has_it(run):
+    p = run["proc"]
+    assert p.returncode == 0, p.stderr[-2000:]
+    console = p.stdout + p.stderr
+    assert "failed: DivergedError" in p.stdout  # the project's own line for the failed trial
+    assert "## Cost ledger" in p.stdout
+    for noise in ("Token authentication", "Trials did not complete", "WARNING", "ERROR", "Traceback"):
+        assert noise not in console, noise
+    log = (run["dir"] / "ray.log").read_text()
+    assert "Trials did not complete" in log
+
+
+def test_every_json_of_the_experiment_is_strict(run):
+    d = run["dir"]
+    files = [d / "best.json", d / "search.json"] + sorted((d / "final").glob("seed_*.json"))
+    files += sorted(d.glob("trial_*/checkpoint_*/tune_state.json"))
+    assert len(files) >= 3
+    for f in files:
+        _strict(f)
+    best = _strict(d / "best.json")
+    assert best["final"]["n_ok"] == 1
+
+
+def test_resume_applies_max_concurrent_and_refuses_gpus(run):
+    p = _search("--resume", "--out", str(run["out"]), "--name", "c", "--gpus-per-trial", "0")
+    assert p.returncode == 2 and p.stderr.strip().splitlines() == [
+        "search.py: error: --resume continues the recorded search: --gpus-per-trial cannot change on resume "
+        "(allowed: --max-concurrent, --final-seeds, --address; --space/--out/--name locate it)"]
+    p = _search("--resume", "--out", str(run["out"]), "--name", "c", "--max-concurrent", "1")
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "resume: applying --max-concurrent 1 (was 2)" in p.stdout
+    assert _strict(run["dir"] / "search.json")["space"]["max_concurrent"] == 1
+    assert "Token authentication" not in p.stdout + p.stderr
