@@ -7,7 +7,8 @@ Written into the experiment folder ``OUT/NAME/``:
   per searched hyperparameter, the ``val/*`` metrics at the trial's selected epoch,
   ``objective`` (``best/<metric>``), ``seconds``, ``reason`` (why it stopped or failed),
   ``node_ip`` / ``node_id`` / ``device`` (where its last epoch ran: host, Ray node id,
-  ``cpu`` or ``cuda (GPU ids [..])``),
+  ``cpu`` or ``cuda (GPU ids [..])``), ``nodes`` (every node id it reported from, in
+  order, ``;``-separated: a trial retried after a node loss shows both),
   ``optuna_number`` / ``optuna_state`` (its trial in ``study.db``);
 * ``curves.parquet`` -- every reported epoch of every trial (``trial_id``, ``epoch``,
   ``train/*``, ``val/*``, ``best/*``, ``time/epoch_s``, ``time_total_s``);
@@ -66,6 +67,7 @@ def collect(results, space: Space, study=None) -> tuple[pd.DataFrame, pd.DataFra
         row["reason"] = reason
         row["node_ip"] = last.get("node_ip")   # Tune's own key: the host of the trial's last report
         row["node_id"] = last.get(NODE_KEY)    # Ray's node id (unique even for nodes sharing an IP)
+        row["nodes"] = _nodes(r.metrics_dataframe)
         row["device"] = last.get(DEVICE_KEY)
         ot = by_ray.get(trial_id)
         row["optuna_number"] = ot.number if ot is not None else None
@@ -96,6 +98,13 @@ def _curve(df: pd.DataFrame | None, trial_id: str) -> pd.DataFrame:
     out["epoch"] = out["epoch"].astype(int)
     # the "finished" report after a patience stop repeats the last epoch: keep one row per epoch
     return out.drop_duplicates(subset=["epoch"], keep="last").reset_index(drop=True)
+
+
+def _nodes(df: pd.DataFrame | None) -> str | None:
+    """The node ids a trial reported from, first seen first, ``;``-separated."""
+    if df is None or NODE_KEY not in df.columns:
+        return None
+    return ";".join(dict.fromkeys(str(n) for n in df[NODE_KEY].dropna() if n))
 
 
 def _num(v: Any) -> float:
