@@ -37,7 +37,7 @@ from mmssl.data import Dataset
 from mmssl.errors import ConfigError
 from tune.searcher import DIVERGED_KEY, FINISHED_KEY, REASON_KEY, PruneAwareOptunaSearch
 from tune.space import Space
-from tune.trainable import FAULT_ENV, run_final_seed, train_mmssl
+from tune.trainable import CRASH_ENV, FAULT_ENV, run_final_seed, train_mmssl
 
 REPO = Path(__file__).resolve().parents[1]
 STUDY_FILE = "study.db"
@@ -181,7 +181,8 @@ def trainable_for(space: Space, data: Dataset):
     """The trial function with its parameters and resources bound."""
     fn = tune.with_parameters(train_mmssl, data=data, base=space.base_config(), metric=space.metric,
                               checkpoint_every=space.checkpoint_every, cpus_per_trial=space.cpus_per_trial,
-                              fault_dir=os.environ.get(FAULT_ENV) or None)
+                              fault_dir=os.environ.get(FAULT_ENV) or None,
+                              crash_dir=os.environ.get(CRASH_ENV) or None)
     return tune.with_resources(fn, {"cpu": space.cpus_per_trial, "gpu": space.gpus_per_trial})
 
 

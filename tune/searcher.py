@@ -109,9 +109,37 @@ class PruneAwareOptunaSearch(OptunaSearch):
         return params
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if trial_id in self._completed_trials:
+            self._maybe_reopen(trial_id, result)
         if trial_id in self._completed_trials or trial_id not in self._ot_trials:
             return
         self._report(trial_id, result)
+
+    def _maybe_reopen(self, trial_id: str, result: dict) -> None:
+        """A FAILed trial that runs again (``--resume --retry-failed``) gets a new Optuna trial.
+
+        Optuna cannot reopen a finished trial: the new one has the same parameters, the
+        old one's values before the retry's first epoch, ``ray_trial_id`` and
+        ``retry_of`` (the failed trial's number). Trials re-run for another reason
+        (Tune's snapshot predates their end) keep their recorded outcome.
+        """
+        old = self._ot_trials.get(trial_id)
+        if old is None:
+            return
+        frozen = self._ot_study._storage.get_trial(old._trial_id)
+        if frozen.state != TrialState.FAIL:
+            return
+        self._ot_study.enqueue_trial(frozen.params, user_attrs={"retry_of": frozen.number}, skip_if_exists=False)
+        new = self._ot_study.ask(fixed_distributions=self._space)
+        new.set_user_attr("ray_trial_id", trial_id)
+        first = int(result.get(self._step_key, 1))
+        for step, value in sorted(frozen.intermediate_values.items()):
+            if step < first:
+                new.report(value, step)
+        self._ot_trials[trial_id] = new
+        self._steps[trial_id] = {s for s in frozen.intermediate_values if s < first}
+        self._completed_trials.discard(trial_id)
+        self.outcomes.pop(trial_id, None)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         if trial_id in self._completed_trials or trial_id not in self._ot_trials:

@@ -48,6 +48,9 @@ NODE_KEY = "trial/node_id"
 DEVICE_KEY = "trial/device"
 # Testing hook, read by the driver: a directory; the first trial that claims it diverges at epoch 1.
 FAULT_ENV = "MMSSL_TUNE_INJECT_DIVERGENCE"
+# Testing hook, read by the driver: a directory; the first trial that claims it kills its own
+# worker process (os._exit) right after its first checkpoint, as a lost worker would die.
+CRASH_ENV = "MMSSL_TUNE_INJECT_CRASH"
 
 
 def trial_device() -> str:
@@ -99,16 +102,20 @@ class Tracker:
 
 
 def train_mmssl(params: dict[str, Any], *, data: Dataset, base: dict[str, Any], metric: str,
-                checkpoint_every: int, cpus_per_trial: float, fault_dir: str | None = None) -> None:
+                checkpoint_every: int, cpus_per_trial: float, fault_dir: str | None = None,
+                crash_dir: str | None = None) -> None:
     """Tune function trainable: ``params`` (sampled) on top of ``base`` (the space's fixed part).
 
     ``fault_dir`` is a testing hook (the driver's ``$MMSSL_TUNE_INJECT_DIVERGENCE``): the
-    first trial to claim it raises DivergedError at epoch 1.
+    first trial to claim it raises DivergedError at epoch 1. ``crash_dir``
+    (``$MMSSL_TUNE_INJECT_CRASH``): the first trial to claim it kills its worker process
+    at epoch ``checkpoint_every + 1``.
     """
     torch.set_num_threads(max(1, int(cpus_per_trial)))
     cfg = Config.from_dict({**base, **params, "device": trial_device()})
     tracker = Tracker(metric)
     fault_epoch = _claim_fault(fault_dir)
+    crash_epoch = checkpoint_every + 1 if _claim_fault(crash_dir) else None
     sent_finished = False
     where = placement()
 
@@ -116,6 +123,8 @@ def train_mmssl(params: dict[str, Any], *, data: Dataset, base: dict[str, Any], 
         nonlocal sent_finished
         if epoch == fault_epoch:
             raise DivergedError(epoch, "train/loss", float("nan"))
+        if epoch == crash_epoch:
+            os._exit(1)  # testing hook: the worker process dies
         report = {**tracker.update(epoch, metrics), **where}
         finished = epoch >= cfg.epochs
         report[FINISHED_KEY] = float(finished)
