@@ -11,8 +11,8 @@ starts (the first has ended), the driver gets the signal. After ``--resume``:
 * no Ray process of the killed driver survives, and its temp root is removed by the
   next run (SIGKILL) or by itself (SIGINT).
 
-Then: the same ``--out/--name`` without ``--resume`` is refused (exit 2, one line), and
-resuming the finished experiment says so and rebuilds the outputs. About 1-1.5 min per signal.
+Then: the same ``--out/--name`` without ``--resume`` is refused (exit 2, one line; nothing
+overwritten). About 1.5-2 min per signal on 2 busy cores.
 """
 from __future__ import annotations
 
@@ -183,7 +183,7 @@ def test_the_next_run_cleans_the_killed_drivers_temp_root(interrupted):
     assert not stale
 
 
-def test_existing_experiment_is_refused_and_a_finished_one_resumes_with_a_note(interrupted):
+def test_existing_experiment_is_refused_and_nothing_is_overwritten(interrupted):
     if interrupted["signal"] != "SIGINT":
         pytest.skip("checked once")
     d, out = interrupted["dir"], interrupted["out"]
@@ -192,11 +192,4 @@ def test_existing_experiment_is_refused_and_a_finished_one_resumes_with_a_note(i
                             "--name", "x"], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
     assert again.returncode == 2 and len(again.stderr.strip().splitlines()) == 1, again.stderr
     assert "already exists" in again.stderr and "--resume" in again.stderr
-    assert {p.name: p.stat().st_mtime for p in d.iterdir()} == before  # nothing overwritten
-    (d / "trials.csv").unlink()
-    done = subprocess.run([sys.executable, "tune/search.py", "--resume", "--out", str(out), "--name", "x"],
-                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert f"is finished ({NUM_SAMPLES}/{NUM_SAMPLES} trials ended); rebuilding its outputs" in done.stdout
-    assert len(pd.read_csv(d / "trials.csv")) == NUM_SAMPLES
-    assert "final seed 1:" not in done.stdout  # cached, not re-run
+    assert {p.name: p.stat().st_mtime for p in d.iterdir()} == before

@@ -211,7 +211,11 @@ def make_tuner(space: Space, data: Dataset, exp_dir: Path, callbacks=()) -> tupl
 
 
 def _trial_dirname(trial) -> str:
-    return f"trial_{trial.trial_id}"
+    return _trial_dirname_of(trial.trial_id)
+
+
+def _trial_dirname_of(trial_id: str) -> str:
+    return f"trial_{trial_id}"
 
 
 def _quiet_tune() -> None:
@@ -243,10 +247,50 @@ def restore_tuner(space: Space, data: Dataset, exp_dir: Path, retry_failed: bool
     result, not an error (it ended TERMINATED, told to Optuna as FAIL) and is never re-run.
     """
     _quiet_tune()
+    mark_failed_trials(exp_dir)
     PruneAwareOptunaSearch.study_path_on_restore = str(exp_dir / STUDY_FILE)
     PruneAwareOptunaSearch.tune_trials_on_restore = tune_trial_ids(exp_dir)
     return tune.Tuner.restore(str(exp_dir.resolve()), trainable=trainable_for(space, data),
                               resume_unfinished=True, resume_errored=retry_failed, restart_errored=False)
+
+
+def mark_failed_trials(exp_dir: Path) -> list[str]:
+    """Record as ERROR, in Tune's saved state, the trials that failed but were saved as RUNNING.
+
+    Ray 2.60 does not re-save a trial whose actor died (worker/node lost beyond
+    ``max_failures``): ``TuneController._schedule_trial_stop`` returns before marking it
+    for the snapshot, so the state file keeps it RUNNING and ``Tuner.restore`` would
+    re-run it even without ``resume_errored``. The study knows better: a trial told
+    FAIL there (``ray_trial_id``) whose saved status is RUNNING/PENDING/PAUSED is set to
+    ERROR in the newest ``experiment_state-*.json``. Returns the trial ids changed.
+    """
+    states = sorted(exp_dir.glob("experiment_state-*.json"))
+    study_path = exp_dir / STUDY_FILE
+    if not states or not study_path.is_file():
+        return []
+    import optuna
+
+    study = optuna.load_study(study_name=STUDY_NAME, storage=f"sqlite:///{study_path.resolve()}")
+    failed = {t.user_attrs.get("ray_trial_id") for t in study.get_trials(deepcopy=False)
+              if t.state == optuna.trial.TrialState.FAIL}
+    doc = json.loads(states[-1].read_text())
+    changed = []
+    for pair in doc.get("trial_data", []):
+        trial = json.loads(pair[0])
+        if trial.get("trial_id") in failed and trial.get("status") in ("RUNNING", "PENDING", "PAUSED"):
+            trial["status"] = "ERROR"
+            pair[0] = json.dumps(trial, indent=2)
+            meta = json.loads(pair[1])  # point Tune at the error files, as it would have
+            for key, name in (("error_filename", "error.txt"), ("pickled_error_filename", "error.pkl")):
+                if (exp_dir / _trial_dirname_of(trial["trial_id"]) / name).is_file():
+                    meta[key] = name
+            pair[1] = json.dumps(meta, indent=2)
+            changed.append(trial["trial_id"])
+    if changed:
+        tmp = states[-1].with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(doc))
+        os.replace(tmp, states[-1])
+    return changed
 
 
 def tune_trial_ids(exp_dir: Path) -> set[str] | None:

@@ -148,12 +148,13 @@ def main(argv: list[str] | None = None, callbacks=()) -> int:
     from tune import results as res
     from tune.searcher import PruneAwareOptunaSearch, close_unfinished
     from tune.runner import (STUDY_FILE, STUDY_NAME, Progress, check_resources, experiment_status, make_tuner,
-                             ray_session, restore_tuner, run_final)
+                             mark_failed_trials, ray_session, restore_tuner, run_final)
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     with ray_session(address=args.address):
         check_resources(space.cpus_per_trial, space.gpus_per_trial)  # before any trial: Ray would wait forever
         if args.resume:
+            mark_failed_trials(exp_dir)  # before counting: Ray may have saved a failed trial as RUNNING
             status = experiment_status(exp_dir)
             ended = status.get("TERMINATED", 0) + status.get("ERROR", 0) * (not args.retry_failed)
             if ended >= space.num_samples:
@@ -183,7 +184,8 @@ def main(argv: list[str] | None = None, callbacks=()) -> int:
             return 130
         study = optuna.load_study(study_name=STUDY_NAME, storage=f"sqlite:///{exp_dir / STUDY_FILE}")
         trials, curves = res.collect(grid, space, study)
-        if close_unfinished(study, dict(zip(trials["trial_id"], zip(trials["status"], trials["reason"])))):
+        ends = zip(trials["status"], trials["reason"], trials["objective"], trials["epochs"])
+        if close_unfinished(study, dict(zip(trials["trial_id"], ends))):
             trials, curves = res.collect(grid, space, study)  # optuna_state of the trials just closed
         top = res.pick_best(trials)
         best: dict = {"metric": space.metric, "data": space.data, "subset_users": space.subset_users,

@@ -238,24 +238,29 @@ def _finite(value: Any) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def close_unfinished(study: optuna.Study, outcomes: dict[str, tuple[str, str]]) -> int:
-    """End every study trial still RUNNING after the search: FAIL with a reason.
+def close_unfinished(study: optuna.Study, outcomes: dict[str, tuple[str, str, float, int]]) -> int:
+    """End every study trial still RUNNING after the search, as Tune's final table says.
 
-    ``outcomes``: Tune trial id -> (status, reason) as ``trials.csv`` says. A RUNNING
-    trial there (should not happen) takes that status; one Tune never ran (asked for by
-    a driver that was then killed, and not adopted on ``--resume``) becomes FAIL
+    ``outcomes``: Tune trial id -> (status, reason, objective, epochs) from ``trials.csv``.
+    Tune does not always tell the searcher that a trial ended: a trial re-run by
+    ``--retry-failed`` is no longer "live" in Tune's ``ConcurrencyLimiter``, which then
+    drops its completion. Such a trial is told its status (COMPLETE with its objective,
+    reported at its last epoch, PRUNED or FAIL). A trial Tune never ran (asked for by a
+    driver that was then killed, and not adopted on ``--resume``) becomes FAIL
     ``orphan``. Returns how many trials were closed.
     """
     states = {"completed": TrialState.COMPLETE, "stopped_early": TrialState.PRUNED, "failed": TrialState.FAIL}
+    orphan = ("failed", "orphan: never run by Tune (its driver was killed)", math.nan, 0)
     closed = 0
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        status, reason = outcomes.get(t.user_attrs.get("ray_trial_id"), ("failed", "orphan: never run by Tune "
-                                                                          "(its driver was killed)"))
-        state = states[status] if status != "completed" or t.intermediate_values else TrialState.FAIL
-        value = t.intermediate_values[max(t.intermediate_values)] if state == TrialState.COMPLETE else None
+        status, reason, objective, epochs = outcomes.get(t.user_attrs.get("ray_trial_id"), orphan)
+        value = _finite(objective)
+        state = states[status] if value is not None or status == "failed" else TrialState.FAIL
+        if value is not None and epochs and int(epochs) not in t.intermediate_values:
+            study._storage.set_trial_intermediate_value(t._trial_id, int(epochs), value)
         study._storage.set_trial_user_attr(t._trial_id, "outcome", OUTCOMES[state])
-        study._storage.set_trial_user_attr(t._trial_id, "reason", reason)
-        study.tell(t.number, value, state=state)
+        study._storage.set_trial_user_attr(t._trial_id, "reason", "" if state == TrialState.COMPLETE else reason)
+        study.tell(t.number, value if state == TrialState.COMPLETE else None, state=state)
         closed += 1
     return closed
 

@@ -115,7 +115,7 @@ def train_mmssl(params: dict[str, Any], *, data: Dataset, base: dict[str, Any], 
     cfg = Config.from_dict({**base, **params, "device": trial_device()})
     tracker = Tracker(metric)
     fault_epoch = _claim_fault(fault_dir)
-    crash_epoch = checkpoint_every + 1 if _claim_fault(crash_dir) else None
+    crash_epoch = checkpoint_every + 1 if fault_epoch is None and _claim_fault(crash_dir) else None
     sent_finished = False
     where = placement()
 
