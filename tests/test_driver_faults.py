@@ -28,7 +28,7 @@ import optuna
 import pandas as pd
 import pytest
 
-from tune.runner import DRIVER_PID_FILE, TEMP_PREFIX, TEMP_ROOT
+from tune.tempdirs import DRIVER_PID_FILE, TEMP_PREFIX, TEMP_ROOT
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_SAMPLES, EPOCHS = 4, 4
@@ -193,3 +193,16 @@ def test_existing_experiment_is_refused_and_nothing_is_overwritten(interrupted):
     assert again.returncode == 2 and len(again.stderr.strip().splitlines()) == 1, again.stderr
     assert "already exists" in again.stderr and "--resume" in again.stderr
     assert {p.name: p.stat().st_mtime for p in d.iterdir()} == before
+
+
+def test_clean_stale_temp_roots_removes_only_roots_of_dead_drivers(tmp_path):
+    from tune.tempdirs import clean_stale_temp_roots
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    roots = {name: tmp_path / (TEMP_PREFIX + name) for name in ("dead", "alive", "foreign")}
+    for d in roots.values():
+        (d / "session_latest").mkdir(parents=True)
+    (roots["dead"] / DRIVER_PID_FILE).write_text(str(dead.pid))
+    (roots["alive"] / DRIVER_PID_FILE).write_text(str(os.getpid()))
+    assert clean_stale_temp_roots(str(tmp_path)) == [str(roots["dead"])]
+    assert not roots["dead"].exists() and roots["alive"].exists() and roots["foreign"].exists()

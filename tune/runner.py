@@ -4,7 +4,7 @@
   no dashboard; socket paths over ~100 bytes fail) or joins the cluster at ``--address``
   / ``$RAY_ADDRESS``; without an address it never attaches to a running cluster. It
   never runs ``ray stop``, shuts down only what it started, and first clears the temp
-  roots that a killed earlier run left behind (:func:`clean_stale_temp_roots`).
+  roots that a killed earlier run left behind (``tune.tempdirs``).
 * :func:`check_resources` refuses, before any trial starts, a per-trial request no
   node of the cluster can hold (Ray would otherwise wait forever).
 * :func:`make_tuner` builds the Tuner: the trainable (data shared once through
@@ -21,7 +21,6 @@ import logging
 import math
 import os
 import shutil
-import signal
 import sys
 import tempfile
 import time
@@ -37,14 +36,13 @@ from mmssl.data import Dataset
 from mmssl.errors import ConfigError
 from tune.searcher import DIVERGED_KEY, FINISHED_KEY, REASON_KEY, PruneAwareOptunaSearch
 from tune.space import Space
+from tune.state import mark_failed_trials, trial_dirname_of, tune_trial_ids
+from tune.tempdirs import DRIVER_PID_FILE, TEMP_PREFIX, TEMP_ROOT, clean_stale_temp_roots
 from tune.trainable import CRASH_ENV, FAULT_ENV, run_final_seed, train_mmssl
 
 REPO = Path(__file__).resolve().parents[1]
 STUDY_FILE = "study.db"
 STUDY_NAME = "mmssl"
-TEMP_PREFIX = "mmssl-ray-"
-TEMP_ROOT = "/tmp"
-DRIVER_PID_FILE = "driver.pid"
 
 
 @contextmanager
@@ -94,61 +92,6 @@ def init_ray(num_cpus: int | None = None, address: str | None = None) -> tuple[b
     ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, _temp_dir=temp_dir,
              log_to_driver=False, configure_logging=True, logging_level="warning")
     return True, temp_dir
-
-
-def clean_stale_temp_roots(root: str = TEMP_ROOT) -> list[str]:
-    """Remove the private Ray temp roots (``root/mmssl-ray-*``) whose driver is dead.
-
-    A driver killed with SIGKILL cannot clean up: Ray's own processes die with it
-    (they share its fate) but its temp root stays, and a straggler process may still
-    hold it. A root is stale when its ``driver.pid`` names no live process (a root
-    without the file is left alone: an older run or another tool). Processes whose
-    command line names a stale root are sent SIGKILL by PID, then the root is deleted.
-    Linux (``/proc``); elsewhere only the folders are removed. Returns the removed roots.
-    """
-    removed = []
-    for d in sorted(Path(root).glob(TEMP_PREFIX + "*")):
-        try:
-            pid = int((d / DRIVER_PID_FILE).read_text().strip())
-        except (OSError, ValueError):
-            continue
-        if _alive(pid):
-            continue
-        for proc in _pids_mentioning(str(d)):
-            try:
-                os.kill(proc, signal.SIGKILL)
-            except OSError:
-                pass
-        shutil.rmtree(d, ignore_errors=True)
-        removed.append(str(d))
-    return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie is dead for our purpose
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
-
-
-def _pids_mentioning(text: str) -> list[int]:
-    """PIDs of this user's processes whose command line contains ``text`` (Linux /proc)."""
-    found = []
-    for entry in Path("/proc").glob("[0-9]*"):
-        try:
-            if entry.stat().st_uid != os.getuid():
-                continue
-            if text in (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
-                found.append(int(entry.name))
-        except (OSError, ValueError):
-            continue
-    return [p for p in found if p != os.getpid()]
 
 
 def check_resources(cpus_per_trial: float, gpus_per_trial: float, nodes: list[dict] | None = None) -> None:
@@ -211,11 +154,7 @@ def make_tuner(space: Space, data: Dataset, exp_dir: Path, callbacks=()) -> tupl
 
 
 def _trial_dirname(trial) -> str:
-    return _trial_dirname_of(trial.trial_id)
-
-
-def _trial_dirname_of(trial_id: str) -> str:
-    return f"trial_{trial_id}"
+    return trial_dirname_of(trial.trial_id)
 
 
 def _quiet_tune() -> None:
@@ -247,70 +186,11 @@ def restore_tuner(space: Space, data: Dataset, exp_dir: Path, retry_failed: bool
     result, not an error (it ended TERMINATED, told to Optuna as FAIL) and is never re-run.
     """
     _quiet_tune()
-    mark_failed_trials(exp_dir)
+    mark_failed_trials(exp_dir, exp_dir / STUDY_FILE, STUDY_NAME)
     PruneAwareOptunaSearch.study_path_on_restore = str(exp_dir / STUDY_FILE)
     PruneAwareOptunaSearch.tune_trials_on_restore = tune_trial_ids(exp_dir)
     return tune.Tuner.restore(str(exp_dir.resolve()), trainable=trainable_for(space, data),
                               resume_unfinished=True, resume_errored=retry_failed, restart_errored=False)
-
-
-def mark_failed_trials(exp_dir: Path) -> list[str]:
-    """Record as ERROR, in Tune's saved state, the trials that failed but were saved as RUNNING.
-
-    Ray 2.60 does not re-save a trial whose actor died (worker/node lost beyond
-    ``max_failures``): ``TuneController._schedule_trial_stop`` returns before marking it
-    for the snapshot, so the state file keeps it RUNNING and ``Tuner.restore`` would
-    re-run it even without ``resume_errored``. The study knows better: a trial told
-    FAIL there (``ray_trial_id``) whose saved status is RUNNING/PENDING/PAUSED is set to
-    ERROR in the newest ``experiment_state-*.json``. Returns the trial ids changed.
-    """
-    states = sorted(exp_dir.glob("experiment_state-*.json"))
-    study_path = exp_dir / STUDY_FILE
-    if not states or not study_path.is_file():
-        return []
-    import optuna
-
-    study = optuna.load_study(study_name=STUDY_NAME, storage=f"sqlite:///{study_path.resolve()}")
-    failed = {t.user_attrs.get("ray_trial_id") for t in study.get_trials(deepcopy=False)
-              if t.state == optuna.trial.TrialState.FAIL}
-    doc = json.loads(states[-1].read_text())
-    changed = []
-    for pair in doc.get("trial_data", []):
-        trial = json.loads(pair[0])
-        if trial.get("trial_id") in failed and trial.get("status") in ("RUNNING", "PENDING", "PAUSED"):
-            trial["status"] = "ERROR"
-            pair[0] = json.dumps(trial, indent=2)
-            meta = json.loads(pair[1])  # point Tune at the error files, as it would have
-            for key, name in (("error_filename", "error.txt"), ("pickled_error_filename", "error.pkl")):
-                if (exp_dir / _trial_dirname_of(trial["trial_id"]) / name).is_file():
-                    meta[key] = name
-            pair[1] = json.dumps(meta, indent=2)
-            changed.append(trial["trial_id"])
-    if changed:
-        tmp = states[-1].with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(doc))
-        os.replace(tmp, states[-1])
-    return changed
-
-
-def tune_trial_ids(exp_dir: Path) -> set[str] | None:
-    """The trial ids in the experiment state Tune will restore (None when unreadable)."""
-    from ray.tune import ExperimentAnalysis
-
-    try:
-        return {t.trial_id for t in ExperimentAnalysis(str(exp_dir.resolve())).trials}
-    except Exception:  # noqa: BLE001 - no state yet: Tune.restore reports that itself
-        return None
-
-
-def experiment_status(exp_dir: Path) -> dict[str, int]:
-    """Trials per Tune status (TERMINATED, ERROR, RUNNING, PENDING, ...) in ``exp_dir``'s saved state."""
-    from ray.tune import ExperimentAnalysis
-
-    counts: dict[str, int] = {}
-    for t in ExperimentAnalysis(str(exp_dir.resolve())).trials:
-        counts[t.status] = counts.get(t.status, 0) + 1
-    return counts
 
 
 def run_final(space: Space, config: dict[str, Any], data: Dataset, cache_dir: Path) -> list[dict[str, Any]]:

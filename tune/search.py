@@ -147,14 +147,15 @@ def main(argv: list[str] | None = None, callbacks=()) -> int:
     import optuna  # heavy imports only once the input is known to be good
     from tune import results as res
     from tune.searcher import PruneAwareOptunaSearch, close_unfinished
-    from tune.runner import (STUDY_FILE, STUDY_NAME, Progress, check_resources, experiment_status, make_tuner,
-                             mark_failed_trials, ray_session, restore_tuner, run_final)
+    from tune.runner import (STUDY_FILE, STUDY_NAME, Progress, check_resources, make_tuner, ray_session,
+                             restore_tuner, run_final)
+    from tune.state import experiment_status, mark_failed_trials
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     with ray_session(address=args.address):
         check_resources(space.cpus_per_trial, space.gpus_per_trial)  # before any trial: Ray would wait forever
         if args.resume:
-            mark_failed_trials(exp_dir)  # before counting: Ray may have saved a failed trial as RUNNING
+            mark_failed_trials(exp_dir, exp_dir / STUDY_FILE, STUDY_NAME)  # before counting: Ray may have saved a failed trial as RUNNING
             status = experiment_status(exp_dir)
             ended = status.get("TERMINATED", 0) + status.get("ERROR", 0) * (not args.retry_failed)
             if ended >= space.num_samples:

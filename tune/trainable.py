@@ -61,8 +61,9 @@ def trial_device() -> str:
 def placement() -> dict[str, str]:
     """Where this trial/task runs: ``trial/node_id`` (Ray node id) and ``trial/device``."""
     device = trial_device()
-    if device == "cuda":
-        device = f"cuda (GPU ids {[str(g) for g in ray.get_gpu_ids()]})"
+    gpus = [str(g) for g in ray.get_gpu_ids()] if ray.is_initialized() else []
+    if gpus:  # "cpu (GPU ids [..])": Ray assigned a GPU but CUDA is not available here
+        device = f"{device} (GPU ids {gpus})"
     node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
     return {NODE_KEY: node, DEVICE_KEY: device}
 
