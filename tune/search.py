@@ -73,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "ray://host:10001; default $RAY_ADDRESS) instead of starting a private local one; "
                    "OUT must then be on storage all nodes share")
     p.add_argument("--resume", action="store_true", help="continue the experiment in OUT/NAME: finished trials kept, "
-                   "unfinished ones resumed from their checkpoints, the Optuna study reloaded; failed trials stay failed")
+                   "unfinished ones resumed from their checkpoints, the Optuna study reloaded; failed trials stay failed "
+                   "(see --retry-failed); a finished experiment only has its outputs rebuilt")
     p.add_argument("--retry-failed", action="store_true", help="with --resume: also re-run, from their last checkpoint, "
                    "trials that failed for a transient cause (worker/node lost, out of memory); diverged trials stay failed")
     p.add_argument("--smoke-test", action="store_true", help="small synthetic data (300 users x 200 items), 6 trials "
