@@ -72,21 +72,25 @@ def cluster():
     saved = os.environ.get("RAY_TMPDIR")
     os.environ["RAY_TMPDIR"] = temp_dir
     os.makedirs(os.path.join(temp_dir, "ray"), exist_ok=True)
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "temp_dir": temp_dir,
-                                                      "include_dashboard": False})
-    workers = [c.add_node(num_cpus=1, temp_dir=temp_dir) for _ in range(2)]
-    c.wait_for_nodes()
-    _CLUSTER.update(cluster=c, workers={w.node_id: w for w in workers}, head=c.head_node.node_id, temp_dir=temp_dir)
-    yield c
-    if ray.is_initialized():
-        ray.shutdown()
-    c.shutdown()
-    _CLUSTER.clear()
-    if saved is None:
-        os.environ.pop("RAY_TMPDIR", None)
-    else:
-        os.environ["RAY_TMPDIR"] = saved
-    shutil.rmtree(temp_dir, ignore_errors=True)
+    c = None
+    try:
+        c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "temp_dir": temp_dir,
+                                                          "include_dashboard": False})
+        workers = [c.add_node(num_cpus=1, temp_dir=temp_dir) for _ in range(2)]
+        c.wait_for_nodes()
+        _CLUSTER.update(cluster=c, workers={w.node_id: w for w in workers}, head=c.head_node.node_id)
+        yield c
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        if c is not None:
+            c.shutdown()
+        _CLUSTER.clear()
+        if saved is None:
+            os.environ.pop("RAY_TMPDIR", None)
+        else:
+            os.environ["RAY_TMPDIR"] = saved
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
