@@ -133,12 +133,14 @@ def test_best_json_has_the_final_seeds_test_metrics(smoke):
     assert "Cost ledger" in summary and "mean ± std" in summary and "saved by ASHA" in summary
 
 
-def test_resume_of_a_finished_search_adds_nothing(smoke):
+def test_resume_of_a_finished_search_adds_nothing(smoke, capsys):
     d = smoke["dir"]
     before = pd.read_csv(d / "trials.csv")
     cached = {p.name: p.stat().st_mtime for p in (d / "final").glob("seed_*.json")}
+    (d / "trials.csv").unlink()
     rc = search.main(["--resume", "--out", str(smoke["out"]), "--name", "smoke"])
     assert rc == 0
+    assert f"is finished ({NUM_SAMPLES}/{NUM_SAMPLES} trials ended); rebuilding its outputs" in capsys.readouterr().out
     after = pd.read_csv(d / "trials.csv")
     assert list(after["trial_id"]) == list(before["trial_id"])
     assert list(after["status"]) == list(before["status"])

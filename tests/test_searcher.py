@@ -10,7 +10,7 @@ from optuna.trial import TrialState
 from ray.tune.search.optuna import OptunaSearch
 
 from tune.searcher import FINISHED_KEY as FINISHED
-from tune.searcher import PruneAwareOptunaSearch, load_study
+from tune.searcher import PruneAwareOptunaSearch, close_unfinished, load_study
 
 METRIC = "best/val/recall@20"
 SPACE = {"cl_weight": FloatDistribution(1e-3, 1.0, log=True), "n_layers": IntDistribution(1, 3)}
@@ -149,6 +149,93 @@ def test_restore_reopens_the_study_from_storage(searcher, tmp_path):
     assert fresh.study.best_value == pytest.approx(0.3)
 
 
+def _restored(tmp_path, tune_trials):
+    fresh = PruneAwareOptunaSearch(SPACE, metric=METRIC, seed=3, storage_path=tmp_path / "study.db", study_name="t")
+    PruneAwareOptunaSearch.tune_trials_on_restore = tune_trials
+    try:
+        fresh.restore(str(tmp_path / "searcher.pkl"))
+    finally:
+        PruneAwareOptunaSearch.tune_trials_on_restore = None
+    return fresh
+
+
+def test_restore_adopts_a_trial_the_killed_driver_asked_for_but_tune_never_recorded(searcher, tmp_path):
+    searcher.suggest("a")
+    searcher.save(str(tmp_path / "searcher.pkl"))  # the snapshot
+    orphan_params = searcher.suggest("b")           # asked, then the driver was killed
+    searcher.on_trial_result("b", results([0.2])[0])
+    fresh = _restored(tmp_path, tune_trials={"a"})
+    assert fresh.suggest("c") == orphan_params      # Tune's next new trial takes it over
+    drive_rest = results([0.2, 0.3], finished_last=True)
+    for r in drive_rest[:-1]:
+        fresh.on_trial_result("c", dict(r))
+    fresh.on_trial_complete("c", result=dict(drive_rest[-1], done=True))
+    study = load_study(tmp_path / "study.db", "t")
+    assert len(study.trials) == 2                    # one per Tune trial: a, c
+    assert sorted(t.user_attrs["ray_trial_id"] for t in study.trials) == ["a", "c"]
+    assert frozen(fresh, "c").state == TrialState.COMPLETE and frozen(fresh, "c").intermediate_values == {1: 0.2, 2: 0.3}
+
+
+def test_restore_links_a_trial_tune_saved_but_the_searcher_pickle_missed(searcher, tmp_path):
+    searcher.save(str(tmp_path / "searcher.pkl"))
+    searcher.suggest("a")                            # Tune's state has it, the searcher's pickle not
+    fresh = _restored(tmp_path, tune_trials={"a"})
+    drive_rest = results([0.1, 0.4], finished_last=True)
+    fresh.on_trial_result("a", dict(drive_rest[0]))
+    fresh.on_trial_complete("a", result=dict(drive_rest[1], done=True))
+    assert frozen(fresh, "a").state == TrialState.COMPLETE
+    assert len(load_study(tmp_path / "study.db", "t").trials) == 1
+
+
+def test_restore_keeps_the_outcome_of_a_trial_that_ended_after_the_snapshot(searcher, tmp_path):
+    searcher.suggest("a")
+    searcher.save(str(tmp_path / "searcher.pkl"))
+    for r in results([0.1, 0.2], finished_last=True):
+        searcher.on_trial_result("a", dict(r))
+    searcher.on_trial_complete("a", result=dict(results([0.1, 0.2], finished_last=True)[-1], done=True))
+    fresh = _restored(tmp_path, tune_trials={"a"})
+    fresh.on_trial_result("a", dict(results([0.1, 0.2])[1]))  # Tune re-runs it from its checkpoint
+    fresh.on_trial_complete("a", result=dict(results([0.1, 0.2])[1], done=True))  # would say PRUNED
+    assert frozen(fresh, "a").state == TrialState.COMPLETE
+    assert len(load_study(tmp_path / "study.db", "t").trials) == 1
+
+
+def test_a_failed_trial_run_again_gets_a_new_optuna_trial(searcher, tmp_path):
+    searcher.suggest("a")
+    searcher.on_trial_result("a", dict(results([0.1, 0.2])[0]))
+    searcher.on_trial_result("a", dict(results([0.1, 0.2])[1]))
+    searcher.on_trial_complete("a", error=True)      # its worker died
+    rerun = results([0.1, 0.2, 0.3, 0.35], finished_last=True)
+    searcher.on_trial_result("a", dict(rerun[2]))    # --retry-failed: from its checkpoint at epoch 2
+    searcher.on_trial_complete("a", result=dict(rerun[3], done=True))
+    old, new = sorted((t for t in searcher.study.trials if t.user_attrs["ray_trial_id"] == "a"), key=lambda t: t.number)
+    assert (old.state, new.state) == (TrialState.FAIL, TrialState.COMPLETE)
+    assert new.params == old.params and new.user_attrs["retry_of"] == old.number
+    assert new.intermediate_values == {1: 0.1, 2: 0.2, 3: 0.3, 4: 0.35}
+
+
+def test_a_diverged_report_is_a_failure_with_its_reason(searcher):
+    rs = results([0.1, 0.2])
+    rs[-1].update({"trial/diverged": 1.0, "trial/reason": "DivergedError: training diverged at epoch 2: x = nan"})
+    drive(searcher, "d", rs, stopped_by_scheduler=True)
+    t = frozen(searcher, "d")
+    assert t.state == TrialState.FAIL and t.user_attrs["reason"].startswith("DivergedError: training diverged")
+
+
+def test_close_unfinished_follows_the_final_table(searcher):
+    searcher.suggest("a")
+    searcher.on_trial_result("a", dict(results([0.1, 0.2])[1]))
+    searcher.suggest("b")
+    searcher.suggest("ghost")
+    n = close_unfinished(searcher.study, {"a": ("completed", "max epochs", 0.3, 4), "b": ("stopped_early", "ASHA", 0.1, 1)})
+    assert n == 3
+    by = {t.user_attrs["ray_trial_id"]: t for t in searcher.study.trials}
+    assert by["a"].state == TrialState.COMPLETE and by["a"].value == pytest.approx(0.3) and 4 in by["a"].intermediate_values
+    assert by["b"].state == TrialState.PRUNED
+    assert by["ghost"].state == TrialState.FAIL and by["ghost"].user_attrs["reason"].startswith("orphan")
+    assert close_unfinished(searcher.study, {}) == 0
+
+
 # --- the trainable's side of the contract (fake fit, fake tune.report; no Ray) -----------------
 
 class FakeTune:
@@ -230,3 +317,24 @@ def test_trainable_resumes_from_the_tune_checkpoint(monkeypatch, tmp_path):
     fake = run_trainable(monkeypatch, [0.1, 0.3, 0.2, 0.25], epochs=4, checkpoint=Checkpoint.from_directory(tmp_path))
     assert [r["epoch"] for r in fake.reports] == [3, 4]
     assert [r["best/epoch"] for r in fake.reports] == [2, 2]
+
+
+def test_trainable_reports_a_divergence_and_returns(monkeypatch):
+    import tune.trainable as tr
+    from mmssl.errors import DivergedError
+    fake = FakeTune()
+
+    def diverging_fit(cfg, data, on_epoch=None, resume_from=None):
+        on_epoch(1, {"val/recall@20": 0.1, "best/val/recall@20": 0.1}, lambda d: None)
+        raise DivergedError(2, "train/loss_d")
+
+    monkeypatch.setattr(tr, "fit", diverging_fit)
+    monkeypatch.setattr(tr.tune, "report", fake.report)
+    monkeypatch.setattr(tr.tune, "get_checkpoint", fake.get_checkpoint)
+    monkeypatch.setattr(tr.torch, "set_num_threads", lambda n: None)
+    tr.train_mmssl({"cl_weight": 0.1}, data=None, base={"epochs": 4}, metric="val/recall@20",
+                   checkpoint_every=2, cpus_per_trial=1)  # returns: no exception for Tune to retry
+    last = fake.reports[-1]
+    assert last["trial/diverged"] == 1.0 and last["epoch"] == 2 and last[FINISHED] == 0.0
+    assert last["trial/reason"] == "DivergedError: training diverged at epoch 2: train/loss_d = nan"
+    assert last["trial/device"] == "cpu" and "trial/node_id" in last

@@ -6,6 +6,9 @@ Written into the experiment folder ``OUT/NAME/``:
   (``completed`` / ``stopped_early`` / ``failed``), ``epochs``, ``best_epoch``, one column
   per searched hyperparameter, the ``val/*`` metrics at the trial's selected epoch,
   ``objective`` (``best/<metric>``), ``seconds``, ``reason`` (why it stopped or failed),
+  ``node_ip`` / ``node_id`` / ``device`` (where its last epoch ran: host, Ray node id,
+  ``cpu`` or ``cuda (GPU ids [..])``), ``nodes`` (every node id it reported from, in
+  order, ``;``-separated: a trial retried after a node loss shows both),
   ``optuna_number`` / ``optuna_state`` (its trial in ``study.db``);
 * ``curves.parquet`` -- every reported epoch of every trial (``trial_id``, ``epoch``,
   ``train/*``, ``val/*``, ``best/*``, ``time/epoch_s``, ``time_total_s``);
@@ -26,8 +29,9 @@ from ray.tune.utils import flatten_dict
 from mmssl import jsonio
 
 from tune.runner import failure_reason
-from tune.searcher import FINISHED_KEY
+from tune.searcher import DIVERGED_KEY, FINISHED_KEY, REASON_KEY
 from tune.space import Space
+from tune.trainable import DEVICE_KEY, NODE_KEY
 
 STATUSES = ("completed", "stopped_early", "failed")
 CURVE_PREFIXES = ("train/", "val/", "best/", "time/")
@@ -47,6 +51,8 @@ def collect(results, space: Space, study=None) -> tuple[pd.DataFrame, pd.DataFra
         best_epoch = int(last.get("best/epoch", 0) or 0)
         if r.error is not None:
             status, reason = "failed", failure_reason(r.error)
+        elif last.get(DIVERGED_KEY):
+            status, reason = "failed", str(last.get(REASON_KEY) or "diverged")
         elif last.get(FINISHED_KEY):
             status = "completed"
             reason = "max epochs" if epochs >= space.max_epochs else f"patience ({space.fixed.get('patience', 'default')})"
@@ -60,6 +66,10 @@ def collect(results, space: Space, study=None) -> tuple[pd.DataFrame, pd.DataFra
         row["objective"] = _num(last.get(f"best/{space.metric}"))
         row["seconds"] = _num(last.get("time_total_s"))
         row["reason"] = reason
+        row["node_ip"] = last.get("node_ip")   # Tune's own key: the host of the trial's last report
+        row["node_id"] = last.get(NODE_KEY)    # Ray's node id (unique even for nodes sharing an IP)
+        row["nodes"] = _nodes(r.metrics_dataframe)
+        row["device"] = last.get(DEVICE_KEY)
         ot = by_ray.get(trial_id)
         row["optuna_number"] = ot.number if ot is not None else None
         row["optuna_state"] = ot.state.name if ot is not None else None
@@ -83,10 +93,19 @@ def _curve(df: pd.DataFrame | None, trial_id: str) -> pd.DataFrame:
         [c for c in ("time_total_s", "training_iteration", FINISHED_KEY) if c in df.columns]
     out = df[keep].copy()
     out.insert(0, "trial_id", trial_id)
+    if DIVERGED_KEY in df.columns:  # the divergence report repeats the last good values: not an epoch
+        out = out[df[DIVERGED_KEY].fillna(0) == 0]
     out = out.dropna(subset=["epoch"])
     out["epoch"] = out["epoch"].astype(int)
     # the "finished" report after a patience stop repeats the last epoch: keep one row per epoch
     return out.drop_duplicates(subset=["epoch"], keep="last").reset_index(drop=True)
+
+
+def _nodes(df: pd.DataFrame | None) -> str | None:
+    """The node ids a trial reported from, first seen first, ``;``-separated."""
+    if df is None or NODE_KEY not in df.columns:
+        return None
+    return ";".join(dict.fromkeys(str(n) for n in df[NODE_KEY].dropna() if n))
 
 
 def _num(v: Any) -> float:

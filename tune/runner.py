@@ -1,8 +1,12 @@
 """Ray plumbing shared by the search CLI and anything else that launches runs.
 
 * :func:`init_ray` starts a private local Ray (short ``/tmp/mmssl-ray-*`` temp dir,
-  no dashboard; socket paths over ~100 bytes fail) or connects to ``--address``;
-  it never runs ``ray stop`` and shuts down only what it started.
+  no dashboard; socket paths over ~100 bytes fail) or joins the cluster at ``--address``
+  / ``$RAY_ADDRESS``; without an address it never attaches to a running cluster. It
+  never runs ``ray stop``, shuts down only what it started, and first clears the temp
+  roots that a killed earlier run left behind (``tune.tempdirs``).
+* :func:`check_resources` refuses, before any trial starts, a per-trial request no
+  node of the cluster can hold (Ray would otherwise wait forever).
 * :func:`make_tuner` builds the Tuner: the trainable (data shared once through
   ``tune.with_parameters``, resources per trial), the prune-aware Optuna searcher
   with its study in ``OUT/NAME/study.db``, and ASHA on ``time_attr="epoch"``.
@@ -29,10 +33,13 @@ from ray.tune.schedulers import ASHAScheduler
 
 from mmssl import jsonio
 from mmssl.data import Dataset
+from mmssl.errors import ConfigError
 from mmssl.fingerprint import check_same_data
-from tune.searcher import FINISHED_KEY, PruneAwareOptunaSearch, ResumableLimiter
+from tune.searcher import DIVERGED_KEY, FINISHED_KEY, REASON_KEY, PruneAwareOptunaSearch, ResumableLimiter
 from tune.space import Space
-from tune.trainable import FAULT_ENV, run_final_seed, train_mmssl
+from tune.state import mark_failed_trials, trial_dirname_of, tune_trial_ids
+from tune.tempdirs import DRIVER_PID_FILE, TEMP_PREFIX, TEMP_ROOT, clean_stale_temp_roots
+from tune.trainable import CRASH_ENV, FAULT_ENV, run_final_seed, train_mmssl
 
 REPO = Path(__file__).resolve().parents[1]
 STUDY_FILE = "study.db"
@@ -41,7 +48,11 @@ STUDY_NAME = "mmssl"
 
 @contextmanager
 def ray_session(num_cpus: int | None = None, address: str | None = None) -> Iterator[None]:
-    """Ray for the duration of the block: reuse a running one, else start (and later stop) our own."""
+    """Ray for the duration of the block: reuse a running one, else start (and later stop) our own.
+
+    The private temp dir is removed on exit, error and Ctrl-C; after a SIGKILL the next
+    :func:`init_ray` removes it (and any process still holding it).
+    """
     started, temp_dir = init_ray(num_cpus=num_cpus, address=address)
     try:
         yield
@@ -52,28 +63,70 @@ def ray_session(num_cpus: int | None = None, address: str | None = None) -> Iter
                 shutil.rmtree(temp_dir, ignore_errors=True)
 
 
+def cluster_address(address: str | None = None) -> str | None:
+    """The cluster to join: ``address``, else ``$RAY_ADDRESS``, else None (= a private local Ray)."""
+    return address or os.environ.get("RAY_ADDRESS") or None
+
+
 def init_ray(num_cpus: int | None = None, address: str | None = None) -> tuple[bool, str | None]:
-    """Start or join Ray; returns (started_here, private temp dir or None)."""
+    """Start or join Ray; returns (started_here, private temp dir or None).
+
+    ``address`` (or ``$RAY_ADDRESS``): join that cluster (``ray start --head`` address,
+    ``auto``, or ``ray://host:10001``). None: start a private local Ray with
+    ``address="local"``, so that a cluster already running on this machine is never
+    joined by accident (plain ``ray.init()`` would). Raises ``ConnectionError`` (Ray's)
+    when the cluster cannot be reached.
+    """
     # Trial workers import ``tune.trainable`` and ``mmssl``: put the repository on their path.
     paths = [str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
     if ray.is_initialized():
         return False, None
+    address = cluster_address(address)
     if address:
         ray.init(address=address, log_to_driver=False,
                  runtime_env={"py_modules": [str(REPO / "mmssl"), str(REPO / "tune")]})
         return True, None
-    temp_dir = tempfile.mkdtemp(prefix="mmssl-ray-", dir="/tmp")
-    ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, _temp_dir=temp_dir,
+    clean_stale_temp_roots()
+    temp_dir = tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=TEMP_ROOT)
+    Path(temp_dir, DRIVER_PID_FILE).write_text(str(os.getpid()))
+    ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, _temp_dir=temp_dir,
              log_to_driver=False, configure_logging=True, logging_level="warning")
     return True, temp_dir
+
+
+def check_resources(cpus_per_trial: float, gpus_per_trial: float, nodes: list[dict] | None = None) -> None:
+    """Refuse a per-trial request that no single node can hold, before any trial starts.
+
+    ``nodes``: Ray's ``ray.nodes()`` (default: the connected cluster's); dead nodes are
+    ignored. Ray would otherwise keep such a trial PENDING forever. GPUs count as Ray
+    sees them (a node's ``GPU`` resource), so a fake ``num_gpus`` resource counts too.
+
+    Raises:
+        ConfigError: GPUs requested and no node has one; ``gpus_per_trial`` above the
+            GPUs of the largest node; ``cpus_per_trial`` above the CPUs of the largest node.
+    """
+    nodes = ray.nodes() if nodes is None else nodes
+    alive = [n.get("Resources") or {} for n in nodes if n.get("Alive", n.get("alive", True))]
+    max_gpu = max((r.get("GPU", 0.0) for r in alive), default=0.0)
+    max_cpu = max((r.get("CPU", 0.0) for r in alive), default=0.0)
+    where = f"the Ray cluster ({len(alive)} node{'s' if len(alive) != 1 else ''})"
+    if gpus_per_trial > 0 and max_gpu == 0:
+        raise ConfigError(f"--gpus-per-trial {gpus_per_trial:g}: {where} has no GPU; use --gpus-per-trial 0")
+    if gpus_per_trial > max_gpu:
+        raise ConfigError(f"--gpus-per-trial {gpus_per_trial:g}: the largest node of {where} has "
+                          f"{max_gpu:g} GPU(s); a trial runs on one node")
+    if cpus_per_trial > max_cpu:
+        raise ConfigError(f"--cpus-per-trial {cpus_per_trial:g}: the largest node of {where} has "
+                          f"{max_cpu:g} CPU(s); a trial runs on one node")
 
 
 def trainable_for(space: Space, data: Dataset):
     """The trial function with its parameters and resources bound."""
     fn = tune.with_parameters(train_mmssl, data=data, base=space.base_config(), metric=space.metric,
                               checkpoint_every=space.checkpoint_every, cpus_per_trial=space.cpus_per_trial,
-                              fault_dir=os.environ.get(FAULT_ENV) or None)
+                              fault_dir=os.environ.get(FAULT_ENV) or None,
+                              crash_dir=os.environ.get(CRASH_ENV) or None)
     return tune.with_resources(fn, {"cpu": space.cpus_per_trial, "gpu": space.gpus_per_trial})
 
 
@@ -96,13 +149,13 @@ def make_tuner(space: Space, data: Dataset, exp_dir: Path, callbacks=()) -> tupl
         tune_config=tune.TuneConfig(search_alg=ResumableLimiter(searcher, min(space.max_concurrent, space.num_samples)),
                                     scheduler=scheduler, num_samples=space.num_samples,
                                     reuse_actors=True, trial_dirname_creator=_trial_dirname),
-        run_config=run_config(exp_dir, callbacks),
+        run_config=run_config(exp_dir, callbacks, max_failures=space.max_failures),
     )
     return tuner, searcher
 
 
 def _trial_dirname(trial) -> str:
-    return f"trial_{trial.trial_id}"
+    return trial_dirname_of(trial.trial_id)
 
 
 def _quiet_tune() -> None:
@@ -113,25 +166,32 @@ def _quiet_tune() -> None:
     logging.getLogger("ray.tune.execution.tune_controller").setLevel(logging.CRITICAL)
 
 
-def run_config(exp_dir: Path, callbacks=()) -> tune.RunConfig:
+def run_config(exp_dir: Path, callbacks=(), max_failures: int = 2) -> tune.RunConfig:
+    """Tune's RunConfig: storage ``exp_dir``, last checkpoint kept, and ``max_failures``
+    retries of a trial whose worker process or node died, each from its last checkpoint
+    (``FailureConfig``; a diverged trial is not an error and is never retried)."""
     return tune.RunConfig(
         name=exp_dir.name, storage_path=str(exp_dir.parent.resolve()), verbose=0,
         callbacks=list(callbacks),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-        failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
+        failure_config=tune.FailureConfig(max_failures=max_failures, fail_fast=False),
     )
 
 
-def restore_tuner(space: Space, data: Dataset, exp_dir: Path) -> tune.Tuner:
+def restore_tuner(space: Space, data: Dataset, exp_dir: Path, retry_failed: bool = False) -> tune.Tuner:
     """Continue the experiment in ``exp_dir``: finished trials kept, unfinished ones resumed
     from their checkpoints, the Optuna study reopened from ``exp_dir/study.db``.
 
-    Errored trials are NOT re-run: a diverged trial is a result (told to Optuna as FAIL).
+    Errored trials (worker/node lost beyond ``max_failures``, out of memory, a crash) are
+    re-run from their last checkpoint only with ``retry_failed``; a diverged trial is a
+    result, not an error (it ended TERMINATED, told to Optuna as FAIL) and is never re-run.
     """
     _quiet_tune()
+    mark_failed_trials(exp_dir, exp_dir / STUDY_FILE, STUDY_NAME)
     PruneAwareOptunaSearch.study_path_on_restore = str(exp_dir / STUDY_FILE)
+    PruneAwareOptunaSearch.tune_trials_on_restore = tune_trial_ids(exp_dir)
     return tune.Tuner.restore(str(exp_dir.resolve()), trainable=trainable_for(space, data),
-                              resume_unfinished=True, resume_errored=False, restart_errored=False)
+                              resume_unfinished=True, resume_errored=retry_failed, restart_errored=False)
 
 
 def run_final(space: Space, config: dict[str, Any], data: Dataset, cache_dir: Path,
@@ -170,7 +230,10 @@ def run_final(space: Space, config: dict[str, Any], data: Dataset, cache_dir: Pa
 
 
 class Progress(tune.Callback):
-    """Terse live progress: one line per trial start and end, a heartbeat every ``every_s``."""
+    """Terse live progress: one line per trial start, retry and end, a heartbeat every ``every_s``.
+
+    The ``[k/N done`` count includes trials that had ended before a ``--resume``.
+    """
 
     def __init__(self, space: Space, every_s: float = 60.0, out=None):
         self.space, self.every_s, self.out = space, every_s, out  # out None = sys.stdout (picklable)
@@ -178,35 +241,52 @@ class Progress(tune.Callback):
 
     def setup(self, **info):
         self.t0 = self.last_beat = time.time()
-        self.finished, self.best = 0, float("-inf")
+        self.ended: set[str] = set()
+        self.best = float("-inf")
+
+    @property
+    def finished(self) -> int:
+        return len(self.ended)
 
     def _print(self, msg: str) -> None:
         print(f"[{time.time() - self.t0:6.0f}s] {msg}", file=self.out or sys.stdout, flush=True)
 
+    def _count_ended(self, trials) -> None:
+        """Trials already ended (restored ones included), and their best objective."""
+        for t in trials:
+            if t.status in ("TERMINATED", "ERROR") and t.trial_id not in self.ended:
+                self.ended.add(t.trial_id)
+                value = _flat_get(t.last_result or {}, f"best/{self.space.metric}")
+                if t.status == "TERMINATED" and isinstance(value, (int, float)) and math.isfinite(value):
+                    self.best = max(self.best, value)
+
     def on_trial_start(self, iteration, trials, trial, **info):
+        self._count_ended(trials)
         params = " ".join(f"{k}={_short(v)}" for k, v in sorted(trial.config.items()))
         self._print(f"start  {trial.trial_id}  {params}")
 
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        self._print(f"retry  {trial.trial_id}  after {failure_reason(_trial_error(trial)) or 'an error'} "
+                    f"(failure {trial.run_metadata.num_failures} of at most {trial.max_failures}; "
+                    f"from its last checkpoint)")
+
     def on_trial_complete(self, iteration, trials, trial, **info):
+        self._count_ended(trials)
         last = trial.last_result or {}
         value = _flat_get(last, f"best/{self.space.metric}")
+        if last.get(DIVERGED_KEY):
+            self._end(trial, f"failed: {last.get(REASON_KEY, 'diverged')}", None)
+            return
         status = "completed" if last.get(FINISHED_KEY) else "stopped_early"
         self._end(trial, f"{status} at epoch {last.get('epoch', 0)}, best {self.space.metric} {_short(value)}", value)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        error = None
-        try:  # the local copies: the storage copy may not be synced yet
-            if trial.pickled_error_file and os.path.exists(trial.pickled_error_file):
-                with open(trial.pickled_error_file, "rb") as fh:
-                    error = cloudpickle.load(fh)
-            elif trial.error_file and os.path.exists(trial.error_file):
-                error = Path(trial.error_file).read_text()
-        except Exception:  # noqa: BLE001 - progress output must never break the run
-            pass
-        self._end(trial, f"failed: {failure_reason(error) or 'error'} (traceback: {trial.path}/error.txt)", None)
+        self._count_ended(trials)
+        reason = failure_reason(_trial_error(trial)) or "error"
+        self._end(trial, f"failed: {reason} (traceback: {trial.path}/error.txt)", None)
 
     def _end(self, trial, what: str, value) -> None:
-        self.finished += 1
+        self.ended.add(trial.trial_id)
         if value is not None and math.isfinite(value):
             self.best = max(self.best, value)
         self._print(f"end    {trial.trial_id}  {what}  [{self.finished}/{self.space.num_samples} done, "
@@ -214,10 +294,24 @@ class Progress(tune.Callback):
 
     def on_step(self, iteration, trials, **info):
         if time.time() - self.last_beat >= self.every_s:
+            self._count_ended(trials)
             self.last_beat = time.time()
             running = sum(t.status == "RUNNING" for t in trials)
             self._print(f"...    {running} running, {self.finished}/{self.space.num_samples} done, "
                         f"best so far {_short(self.best)}")
+
+
+def _trial_error(trial) -> Any:
+    """A trial's last error from its local files (the storage copy may not be synced yet)."""
+    try:
+        if trial.pickled_error_file and os.path.exists(trial.pickled_error_file):
+            with open(trial.pickled_error_file, "rb") as fh:
+                return cloudpickle.load(fh)
+        if trial.error_file and os.path.exists(trial.error_file):
+            return Path(trial.error_file).read_text()
+    except Exception:  # noqa: BLE001 - progress output must never break the run
+        pass
+    return None
 
 
 def failure_reason(error: Any) -> str:

@@ -67,10 +67,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--final-seeds", type=int, metavar="N", help="seeds for re-training the best config (final.seeds); 0 = skip")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="fix a config key (aliases ok), e.g. --set adversarial=false; a searched key is pinned. Repeatable")
-    p.add_argument("--address", metavar="ADDR", help="connect to a running Ray cluster (e.g. auto or ray://host:10001) "
-                   "instead of starting a private local one; OUT must then be on storage all nodes share")
+    p.add_argument("--max-failures", type=int, metavar="N", help="retries of a trial whose worker process or node "
+                   "died, each from its last checkpoint (budget.max_failures, default 2); a diverged trial is never retried")
+    p.add_argument("--address", metavar="ADDR", help="join a running Ray cluster (the head's HOST:6379, auto, or "
+                   "ray://host:10001; default $RAY_ADDRESS) instead of starting a private local one; "
+                   "OUT must then be on storage all nodes share")
     p.add_argument("--resume", action="store_true", help="continue the experiment in OUT/NAME: finished trials kept, "
-                   "unfinished ones resumed from their checkpoints, the Optuna study reloaded; failed trials stay failed")
+                   "unfinished ones resumed from their checkpoints, the Optuna study reloaded; failed trials stay failed "
+                   "(see --retry-failed); a finished experiment only has its outputs rebuilt")
+    p.add_argument("--retry-failed", action="store_true", help="with --resume: also re-run, from their last checkpoint, "
+                   "trials that failed for a transient cause (worker/node lost, out of memory); diverged trials stay failed")
     p.add_argument("--smoke-test", action="store_true", help="small synthetic data (300 users x 200 items), 6 trials "
                    "of at most 9 epochs, ASHA grace 1 / factor 3, 2 final seeds: about 2 minutes on 2 CPUs")
     return p
@@ -81,7 +87,8 @@ RECORD_VERSION = 2  # search.json: 2 = exact params (Param.to_dict) and the data
 RESUME_APPLIES = {"max_concurrent": "--max-concurrent", "final_seeds": "--final-seeds"}
 RESUME_REFUSES = {"data": "--data", "subset_users": "--subset-users", "num_samples": "--num-samples",
                   "max_epochs": "--max-epochs", "cpus_per_trial": "--cpus-per-trial",
-                  "gpus_per_trial": "--gpus-per-trial", "seed": "--seed", "set": "--set", "smoke_test": "--smoke-test"}
+                  "gpus_per_trial": "--gpus-per-trial", "seed": "--seed", "set": "--set", "smoke_test": "--smoke-test",
+                  "max_failures": "--max-failures"}  # Tune restores its own FailureConfig
 
 
 def resume_flags(args: argparse.Namespace) -> dict:
@@ -151,7 +158,7 @@ def resolve(args: argparse.Namespace):
     flags = {"data": args.data, "subset_users": args.subset_users, "out": args.out, "name": args.name,
              "num_samples": args.num_samples, "max_epochs": args.max_epochs, "cpus_per_trial": args.cpus_per_trial,
              "gpus_per_trial": args.gpus_per_trial, "max_concurrent": args.max_concurrent, "seed": args.seed,
-             "final_seeds": args.final_seeds}
+             "final_seeds": args.final_seeds, "max_failures": args.max_failures}
     overrides.update({k: v for k, v in flags.items() if v is not None})
     overrides["sets"] = list(overrides.get("sets", [])) + list(args.set)
     space = space.override(**overrides)
@@ -178,11 +185,15 @@ def load_data(space):
     return data
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, callbacks=()) -> int:
+    """The CLI; ``callbacks``: extra Tune callbacks for a fresh search (tests use them to inject faults)."""
     args = build_parser().parse_args(argv)
+    if args.retry_failed and not args.resume:
+        raise ConfigError("--retry-failed only applies with --resume")
     space, overrides, exp_dir = resolve(args)
-    if not args.resume and (exp_dir / "search.json").exists():
-        raise ConfigError(f"{exp_dir} already holds an experiment; use --resume, or another --name/--out")
+    if not args.resume and exp_dir.exists() and any(exp_dir.iterdir()):
+        raise ConfigError(f"{exp_dir} already exists and is not empty; use --resume, or another --name/--out "
+                          "(nothing is overwritten)")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         data = load_data(space)  # DataError -> one line, exit 2, before Ray starts
@@ -199,21 +210,30 @@ def main(argv: list[str] | None = None) -> int:
 
     import optuna  # heavy imports only once the input is known to be good
     from tune import results as res
-    from tune.searcher import PruneAwareOptunaSearch
-    from tune.runner import (STUDY_FILE, STUDY_NAME, Progress, make_tuner, ray_console_to, ray_session,
-                             restore_tuner, run_final)
-    from tune.searcher import ResumableLimiter
+    from tune.searcher import PruneAwareOptunaSearch, ResumableLimiter, close_unfinished
+    from tune.runner import (STUDY_FILE, STUDY_NAME, Progress, check_resources, make_tuner, ray_console_to,
+                             ray_session, restore_tuner, run_final)
+    from tune.state import experiment_status, mark_failed_trials
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     record = {"version": RECORD_VERSION, "path": os.path.abspath(space.path), "overrides": overrides, "space": space.to_dict(),
               "data_fingerprint": data_fp}
     with ray_console_to(exp_dir / "ray.log") as reroute, ray_session(address=args.address):
         reroute()  # ray.init may have added console handlers
+        check_resources(space.cpus_per_trial, space.gpus_per_trial)  # before any trial: Ray would wait forever
         if args.resume:
+            mark_failed_trials(exp_dir, exp_dir / STUDY_FILE, STUDY_NAME)  # before counting: Ray may have saved a failed trial as RUNNING
+            status = experiment_status(exp_dir)
+            ended = status.get("TERMINATED", 0) + status.get("ERROR", 0) * (not args.retry_failed)
+            if ended >= space.num_samples:
+                print(f"resume: {exp_dir} is finished ({ended}/{space.num_samples} trials ended); "
+                      "rebuilding its outputs", flush=True)
+            else:
+                print(f"resume: {ended}/{space.num_samples} trials already ended in {exp_dir}", flush=True)
             ResumableLimiter.max_concurrent_on_restore = space.max_concurrent if "max_concurrent" in overrides else None
-            tuner = restore_tuner(space, data, exp_dir)
+            tuner = restore_tuner(space, data, exp_dir, retry_failed=args.retry_failed)
         else:
-            tuner, _ = make_tuner(space, data, exp_dir, callbacks=[Progress(space)])
+            tuner, _ = make_tuner(space, data, exp_dir, callbacks=[Progress(space), *callbacks])
         (exp_dir / "search.json").write_text(jsonio.dumps(record, indent=1, default=str))
         print(f"search: {space.num_samples} trials x <= {space.max_epochs} epochs, "
               f"ASHA grace {space.grace_period} / factor {space.reduction_factor:g}, -> {exp_dir}", flush=True)
@@ -222,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             PruneAwareOptunaSearch.study_path_on_restore = None
             ResumableLimiter.max_concurrent_on_restore = None
+            PruneAwareOptunaSearch.tune_trials_on_restore = None
         wall_search = time.time() - t0
         finished = res.count_finished(grid)
         if finished < space.num_samples:  # Ctrl-C / SIGTERM: Ray saved the state and returned
@@ -231,6 +252,9 @@ def main(argv: list[str] | None = None) -> int:
             return 130
         study = optuna.load_study(study_name=STUDY_NAME, storage=f"sqlite:///{exp_dir / STUDY_FILE}")
         trials, curves = res.collect(grid, space, study)
+        ends = zip(trials["status"], trials["reason"], trials["objective"], trials["epochs"])
+        if close_unfinished(study, dict(zip(trials["trial_id"], ends))):
+            trials, curves = res.collect(grid, space, study)  # optuna_state of the trials just closed
         top = res.pick_best(trials)
         best: dict = {"metric": space.metric, "data": space.data, "subset_users": space.subset_users,
                       "experiment": str(exp_dir)}

@@ -10,7 +10,8 @@ them as finished runs. This subclass tells Optuna what actually happened:
   uses ``training_iteration``; ours is the epoch, ASHA's ``time_attr``);
 * on completion, from what Ray passes to ``on_trial_complete(trial_id, result, error)``:
 
-  - ``error=True`` (the trainable raised, e.g. DivergedError)          -> FAIL
+  - ``error=True`` (the worker/node died beyond ``max_failures``, a crash) -> FAIL
+  - the last result carries ``trial/diverged`` (a NaN/inf loss)         -> FAIL
   - the metric is missing, NaN or infinite                              -> FAIL
   - the last result carries ``trial/finished`` (the trainable sets it on
     the report of its max epoch, and on an extra report after its own
@@ -39,11 +40,14 @@ from optuna.distributions import BaseDistribution
 from optuna.trial import TrialState
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
+from ray.tune.utils.util import unflatten_dict
 
 logger = logging.getLogger(__name__)
 
 STEP_KEY = "epoch"
 FINISHED_KEY = "trial/finished"
+DIVERGED_KEY = "trial/diverged"  # the trainable's last report of a diverged trial (with REASON_KEY)
+REASON_KEY = "trial/reason"
 OUTCOMES = {TrialState.COMPLETE: "completed", TrialState.PRUNED: "stopped_early", TrialState.FAIL: "failed"}
 
 
@@ -69,6 +73,8 @@ class PruneAwareOptunaSearch(OptunaSearch):
     # Set by the CLI around ``Tuner.restore(...).fit()``: where restored searchers find their
     # study when the recorded file is gone (the experiment folder was moved).
     study_path_on_restore: str | None = None
+    # Set by ``tune.runner.restore_tuner``: the trial ids in Tune's restored experiment state.
+    tune_trials_on_restore: set[str] | None = None
 
     def __init__(self, space: dict[str, BaseDistribution], metric: str, mode: str = "max", seed: int = 0,
                  storage_path: str | os.PathLike | None = None, study_name: str = "mmssl",
@@ -88,6 +94,14 @@ class PruneAwareOptunaSearch(OptunaSearch):
 
     # -- Ray Searcher hooks ---------------------------------------------------
     def suggest(self, trial_id: str) -> dict[str, Any] | None:
+        orphans = getattr(self, "_orphans", [])
+        if trial_id not in self._ot_trials and orphans:  # adopt a trial the killed driver had asked for
+            ot_trial = orphans.pop(0)
+            self._ot_trials[trial_id] = ot_trial
+            ot_trial.set_user_attr("ray_trial_id", trial_id)
+            frozen = self._ot_study._storage.get_trial(ot_trial._trial_id)
+            self._steps[trial_id] = set(frozen.intermediate_values)
+            return unflatten_dict(frozen.params)
         params = super().suggest(trial_id)
         ot_trial = self._ot_trials.get(trial_id)
         if ot_trial is not None and trial_id not in self._steps:
@@ -96,9 +110,37 @@ class PruneAwareOptunaSearch(OptunaSearch):
         return params
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if trial_id in self._completed_trials:
+            self._maybe_reopen(trial_id, result)
         if trial_id in self._completed_trials or trial_id not in self._ot_trials:
             return
         self._report(trial_id, result)
+
+    def _maybe_reopen(self, trial_id: str, result: dict) -> None:
+        """A FAILed trial that runs again (``--resume --retry-failed``) gets a new Optuna trial.
+
+        Optuna cannot reopen a finished trial: the new one has the same parameters, the
+        old one's values before the retry's first epoch, ``ray_trial_id`` and
+        ``retry_of`` (the failed trial's number). Trials re-run for another reason
+        (Tune's snapshot predates their end) keep their recorded outcome.
+        """
+        old = self._ot_trials.get(trial_id)
+        if old is None:
+            return
+        frozen = self._ot_study._storage.get_trial(old._trial_id)
+        if frozen.state != TrialState.FAIL:
+            return
+        self._ot_study.enqueue_trial(frozen.params, user_attrs={"retry_of": frozen.number}, skip_if_exists=False)
+        new = self._ot_study.ask(fixed_distributions=self._space)
+        new.set_user_attr("ray_trial_id", trial_id)
+        first = int(result.get(self._step_key, 1))
+        for step, value in sorted(frozen.intermediate_values.items()):
+            if step < first:
+                new.report(value, step)
+        self._ot_trials[trial_id] = new
+        self._steps[trial_id] = {s for s in frozen.intermediate_values if s < first}
+        self._completed_trials.discard(trial_id)
+        self.outcomes.pop(trial_id, None)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         if trial_id in self._completed_trials or trial_id not in self._ot_trials:
@@ -109,6 +151,8 @@ class PruneAwareOptunaSearch(OptunaSearch):
             self._report(trial_id, result)
         if error:
             state, reason = TrialState.FAIL, "the trial raised an error"
+        elif (result or {}).get(DIVERGED_KEY):
+            state, reason = TrialState.FAIL, str(result.get(REASON_KEY, "diverged"))
         elif value is None:
             shown = (result or {}).get(self._metric, "missing")
             state, reason = TrialState.FAIL, f"{self._metric} is {shown}"
@@ -149,10 +193,41 @@ class PruneAwareOptunaSearch(OptunaSearch):
         self._storage = optuna.storages.RDBStorage(storage_url(self._storage_path))
         self._ot_study = optuna.load_study(study_name=self._study_name, storage=self._storage,
                                            sampler=self._sampler)
-        # running trials continue in their Optuna trial; finished ones are only looked up by id
-        self._ot_trials = {tid: (t if tid in self._completed_trials else
-                                 optuna.trial.Trial(self._ot_study, t._trial_id))
-                           for tid, t in self._ot_trials.items()}
+        self.reconcile(type(self).tune_trials_on_restore)
+
+    def reconcile(self, tune_trials: set[str] | None = None) -> None:
+        """Make the searcher agree with its study and with Tune after a driver was killed.
+
+        Tune saves its experiment state, then the searcher's pickle, every few seconds;
+        the study is written at once. A driver killed with SIGKILL can therefore leave:
+
+        * a study trial finished after the pickle was saved -> marked completed here
+          (its outcome stays the one in ``study.db``);
+        * a study trial the pickle does not know but Tune does (killed between the two
+          saves) -> linked back to its Tune trial by its ``ray_trial_id`` attribute;
+        * a RUNNING study trial Tune never recorded (asked for, then the driver died)
+          -> an orphan: :meth:`suggest` hands it to the next new Tune trial, with its
+          parameters, so that the study keeps one trial per Tune trial.
+
+        ``tune_trials``: the trial ids in Tune's restored state (None: unknown, no orphans).
+        """
+        storage = self._ot_study._storage
+        frozen = {t._trial_id: t for t in self._ot_study.get_trials(deepcopy=False)}
+        by_ray = {t.user_attrs.get("ray_trial_id"): t for t in frozen.values()}
+        known = {tid: t._trial_id for tid, t in self._ot_trials.items()}
+        known.update({tid: t._trial_id for tid, t in by_ray.items() if tid and tid not in known})
+        self._ot_trials, self._orphans = {}, []
+        for tid, ot_id in known.items():
+            ft = frozen.get(ot_id) or storage.get_trial(ot_id)
+            if ft.state.is_finished():
+                self._completed_trials.add(tid)
+                self._ot_trials[tid] = optuna.trial.Trial(self._ot_study, ot_id)  # looked up by id only
+            elif tune_trials is not None and tid not in tune_trials and tid not in self._completed_trials:
+                self._orphans.append(optuna.trial.Trial(self._ot_study, ot_id))
+            else:  # running: continues in its Optuna trial
+                self._ot_trials[tid] = optuna.trial.Trial(self._ot_study, ot_id)
+                self._steps.setdefault(tid, set()).update(ft.intermediate_values)
+        self._orphans.sort(key=lambda t: t.number)
 
 
 def _finite(value: Any) -> float | None:
@@ -162,6 +237,33 @@ def _finite(value: Any) -> float | None:
     except (TypeError, ValueError):
         return None
     return value if math.isfinite(value) else None
+
+
+def close_unfinished(study: optuna.Study, outcomes: dict[str, tuple[str, str, float, int]]) -> int:
+    """End every study trial still RUNNING after the search, as Tune's final table says.
+
+    ``outcomes``: Tune trial id -> (status, reason, objective, epochs) from ``trials.csv``.
+    Tune does not always tell the searcher that a trial ended: a trial re-run by
+    ``--retry-failed`` is no longer "live" in Tune's ``ConcurrencyLimiter``, which then
+    drops its completion. Such a trial is told its status (COMPLETE with its objective,
+    reported at its last epoch, PRUNED or FAIL). A trial Tune never ran (asked for by a
+    driver that was then killed, and not adopted on ``--resume``) becomes FAIL
+    ``orphan``. Returns how many trials were closed.
+    """
+    states = {"completed": TrialState.COMPLETE, "stopped_early": TrialState.PRUNED, "failed": TrialState.FAIL}
+    orphan = ("failed", "orphan: never run by Tune (its driver was killed)", math.nan, 0)
+    closed = 0
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        status, reason, objective, epochs = outcomes.get(t.user_attrs.get("ray_trial_id"), orphan)
+        value = _finite(objective)
+        state = states[status] if value is not None or status == "failed" else TrialState.FAIL
+        if value is not None and epochs and int(epochs) not in t.intermediate_values:
+            study._storage.set_trial_intermediate_value(t._trial_id, int(epochs), value)
+        study._storage.set_trial_user_attr(t._trial_id, "outcome", OUTCOMES[state])
+        study._storage.set_trial_user_attr(t._trial_id, "reason", "" if state == TrialState.COMPLETE else reason)
+        study.tell(t.number, value if state == TrialState.COMPLETE else None, state=state)
+        closed += 1
+    return closed
 
 
 def load_study(path: str | os.PathLike, study_name: str = "mmssl") -> optuna.Study:

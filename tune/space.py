@@ -54,7 +54,8 @@ METRIC_RE = re.compile(r"^val/(recall|ndcg|precision|hit)@(10|20|50)$")
 # section -> {key: (kind, default)}; kind: "int" (>= 1), "pos" (> 0), "nonneg" (>= 0), "rf" (> 1)
 SECTIONS = {
     "budget": {"num_samples": ("int", 32), "max_concurrent": ("int", 4), "cpus_per_trial": ("pos", 1.0),
-               "gpus_per_trial": ("nonneg", 0.0), "checkpoint_every": ("int", 5)},
+               "gpus_per_trial": ("nonneg", 0.0), "checkpoint_every": ("int", 5),
+               "max_failures": ("int0", 2)},
     "asha": {"grace_period": ("int", 5), "reduction_factor": ("rf", 3.0)},
     "tpe": {"n_startup_trials": ("int", 10)},
 }
@@ -130,6 +131,7 @@ class Space:
     cpus_per_trial: float = 1.0
     gpus_per_trial: float = 0.0
     checkpoint_every: int = 5
+    max_failures: int = 2  # Tune's FailureConfig: retries of a trial whose worker/node died
     grace_period: int = 5
     reduction_factor: float = 3.0
     final_seeds: tuple[int, ...] = (1, 2, 3, 4, 5)
@@ -175,7 +177,8 @@ class Space:
         for key in ("num_samples", "max_concurrent", "checkpoint_every", "grace_period", "n_startup_trials"):
             if key in kw:
                 kw[key] = _number(kw[key], "int", f"{self.path}: --{key.replace('_', '-')}")
-        for key, kind in (("cpus_per_trial", "pos"), ("gpus_per_trial", "nonneg"), ("reduction_factor", "rf")):
+        for key, kind in (("cpus_per_trial", "pos"), ("gpus_per_trial", "nonneg"), ("reduction_factor", "rf"),
+                          ("max_failures", "int0")):
             if key in kw:
                 kw[key] = _number(kw[key], kind, f"{self.path}: --{key.replace('_', '-')}")
         if "subset_users" in kw:

@@ -14,8 +14,16 @@ fit's exact resume state; a restarted trial resumes from ``ray.tune.get_checkpoi
 The data set comes in once through ``tune.with_parameters`` (object store), torch
 uses the trial's CPUs, and the device follows Ray's GPU assignment.
 
-A diverged trial raises ``DivergedError`` (one line, e.g. ``training diverged at
-epoch 3: train/loss_d = nan``); Ray marks the trial ERROR and the search goes on.
+A diverged trial is a result, not an error: fit's ``DivergedError`` becomes a last
+report with ``trial/diverged = 1`` and ``trial/reason`` (one line, e.g.
+``DivergedError: training diverged at epoch 3: train/loss_d = nan``), and the
+trainable returns. The trial ends TERMINATED, Optuna is told FAIL, and Tune's
+``FailureConfig`` never retries it: retries are for trials whose worker process or
+node died (an error), which resume from their last checkpoint.
+
+Every report also says where the trial runs: ``trial/node_id`` (Ray's node id) and
+``trial/device`` (``cpu``, or ``cuda (GPU ids [..])`` with the GPU ids Ray assigned;
+the trial uses ``cuda``, i.e. the one GPU Ray made visible, never a fixed index).
 """
 from __future__ import annotations
 
@@ -33,16 +41,31 @@ from mmssl.config import Config
 from mmssl.data import Dataset
 from mmssl.errors import DivergedError
 from mmssl.train import SELECT, fit
-from tune.searcher import FINISHED_KEY
+from tune.searcher import DIVERGED_KEY, FINISHED_KEY, REASON_KEY
 
 STATE_FILE = "tune_state.json"
+NODE_KEY = "trial/node_id"
+DEVICE_KEY = "trial/device"
 # Testing hook, read by the driver: a directory; the first trial that claims it diverges at epoch 1.
 FAULT_ENV = "MMSSL_TUNE_INJECT_DIVERGENCE"
+# Testing hook, read by the driver: a directory; the first trial that claims it kills its own
+# worker process (os._exit) right after its first checkpoint, as a lost worker would die.
+CRASH_ENV = "MMSSL_TUNE_INJECT_CRASH"
 
 
 def trial_device() -> str:
     """"cuda" when Ray gave this trial a GPU (it is then the only visible one), else "cpu"."""
     return "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
+
+
+def placement() -> dict[str, str]:
+    """Where this trial/task runs: ``trial/node_id`` (Ray node id) and ``trial/device``."""
+    device = trial_device()
+    gpus = [str(g) for g in ray.get_gpu_ids()] if ray.is_initialized() else []
+    if gpus:  # "cpu (GPU ids [..])": Ray assigned a GPU but CUDA is not available here
+        device = f"{device} (GPU ids {gpus})"
+    node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+    return {NODE_KEY: node, DEVICE_KEY: device}
 
 
 class Tracker:
@@ -80,23 +103,30 @@ class Tracker:
 
 
 def train_mmssl(params: dict[str, Any], *, data: Dataset, base: dict[str, Any], metric: str,
-                checkpoint_every: int, cpus_per_trial: float, fault_dir: str | None = None) -> None:
+                checkpoint_every: int, cpus_per_trial: float, fault_dir: str | None = None,
+                crash_dir: str | None = None) -> None:
     """Tune function trainable: ``params`` (sampled) on top of ``base`` (the space's fixed part).
 
     ``fault_dir`` is a testing hook (the driver's ``$MMSSL_TUNE_INJECT_DIVERGENCE``): the
-    first trial to claim it raises DivergedError at epoch 1.
+    first trial to claim it raises DivergedError at epoch 1. ``crash_dir``
+    (``$MMSSL_TUNE_INJECT_CRASH``): the first trial to claim it kills its worker process
+    at epoch ``checkpoint_every + 1``.
     """
     torch.set_num_threads(max(1, int(cpus_per_trial)))
     cfg = Config.from_dict({**base, **params, "device": trial_device()})
     tracker = Tracker(metric)
     fault_epoch = _claim_fault(fault_dir)
+    crash_epoch = checkpoint_every + 1 if fault_epoch is None and _claim_fault(crash_dir) else None
     sent_finished = False
+    where = placement()
 
     def on_epoch(epoch: int, metrics: dict[str, Any], save_checkpoint) -> None:
         nonlocal sent_finished
         if epoch == fault_epoch:
             raise DivergedError(epoch, "train/loss", float("nan"))
-        report = tracker.update(epoch, metrics)
+        if epoch == crash_epoch:
+            os._exit(1)  # testing hook: the worker process dies
+        report = {**tracker.update(epoch, metrics), **where}
         finished = epoch >= cfg.epochs
         report[FINISHED_KEY] = float(finished)
         if not finished and epoch % checkpoint_every == 0:
@@ -108,16 +138,22 @@ def train_mmssl(params: dict[str, Any], *, data: Dataset, base: dict[str, Any], 
             tune.report(report)
         sent_finished = finished
 
-    checkpoint = tune.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            tracker.load(directory)
-            fit(cfg, data, on_epoch=on_epoch, resume_from=directory)
-    else:
-        fit(cfg, data, on_epoch=on_epoch)
+    try:
+        checkpoint = tune.get_checkpoint()
+        if checkpoint is not None:
+            with checkpoint.as_directory() as directory:
+                tracker.load(directory)
+                fit(cfg, data, on_epoch=on_epoch, resume_from=directory)
+        else:
+            fit(cfg, data, on_epoch=on_epoch)
+    except DivergedError as e:  # a result: reported and returned, so Tune does not retry it
+        last = tracker.last or {"epoch": 0, f"best/{metric}": float("nan"), "best/epoch": 0}
+        tune.report({**last, **where, "epoch": e.epoch, FINISHED_KEY: 0.0, DIVERGED_KEY: 1.0,
+                     REASON_KEY: f"DivergedError: {e}"})
+        return
     if not sent_finished and tracker.last is not None:
         # fit stopped itself (patience): say so, repeating the last epoch's values
-        tune.report({**tracker.last, FINISHED_KEY: 1.0})
+        tune.report({**tracker.last, **where, FINISHED_KEY: 1.0})
 
 
 def _claim_fault(directory: str | None) -> int | None:
@@ -143,4 +179,5 @@ def run_final_seed(config: dict[str, Any], data: Dataset, cpus: float) -> dict[s
         return {"seed": cfg.seed, "error": str(e)}
     result = {k: v for k, v in result.items() if k != "config"}
     result["seed"] = cfg.seed
+    result.update(placement())
     return result
