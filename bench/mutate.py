@@ -41,9 +41,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST_TRAIN = "not cli and not full_model_beats"
-MODEL_TESTS = ["tests/test_model.py", "tests/test_equations.py", "tests/test_released_defects.py"]
-PROTOCOL_TESTS = ["tests/test_metrics.py", "tests/test_protocol.py", "tests/test_released_defects.py"]
-TRAIN_TESTS = ["tests/test_train.py", "tests/test_protocol.py", "tests/test_released_defects.py"]
+# the value tests first: pytest -x stops at the first failure, so a killed mutant ends early
+MODEL_TESTS = ["tests/test_equations.py", "tests/test_released_defects.py", "tests/test_model.py"]
+PROTOCOL_TESTS = ["tests/test_protocol.py", "tests/test_released_defects.py", "tests/test_metrics.py"]
+TRAIN_TESTS = ["tests/test_protocol.py", "tests/test_released_defects.py", "tests/test_train.py"]
 # file -> (qualified function names to mutate, test files, -k expression or None)
 TARGETS = {
     "mmssl/losses.py": (["bpr_loss", "l2_penalty", "info_nce", "fake_rows", "gumbel_real_rows",
@@ -138,11 +139,11 @@ def _replace_child(parent_tree: ast.AST, target: ast.AST, replacement: ast.AST) 
     raise RuntimeError("node not found")
 
 
-def enumerate_mutants() -> list[dict]:
+def enumerate_mutants(root: Path = ROOT) -> list[dict]:
     """Every candidate mutant: id, file, function, line, description (deterministic order)."""
     out = []
     for rel, (names, _, _) in TARGETS.items():
-        src = (ROOT / rel).read_text()
+        src = (root / rel).read_text()
         tree = ast.parse(src)
         for qual, fn in _functions(tree, names):
             body_nodes = fn.body[1:] if (fn.body and isinstance(fn.body[0], ast.Expr)
@@ -157,9 +158,9 @@ def enumerate_mutants() -> list[dict]:
     return out
 
 
-def mutated_source(m: dict) -> str:
-    """Source of ``m['file']`` with mutant ``m`` applied (re-parsed, so the ids line up)."""
-    tree = ast.parse((ROOT / m["file"]).read_text())
+def mutated_source(m: dict, original: str) -> str:
+    """``original`` (the source of ``m['file']``) with mutant ``m`` applied (re-parsed, so the ids line up)."""
+    tree = ast.parse(original)
     names, _, _ = TARGETS[m["file"]]
     fn = dict(_functions(tree, names))[m["function"]]
     body_nodes = fn.body[1:] if (fn.body and isinstance(fn.body[0], ast.Expr)
@@ -226,6 +227,9 @@ def main(argv=None) -> int:
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per mutant's tests (default 120)")
     p.add_argument("--tests-ref", default=None, help="a git commit: use the tests/ folder as it was there")
     p.add_argument("--out", default=None, help="write every mutant's outcome to this JSON file")
+    p.add_argument("--rerun", default=None, metavar="JSON",
+                   help="a previous --out file: re-run only its survivors (and equivalents), keep its kills "
+                        "(valid when the tests only grew since: a killed mutant stays killed)")
     p.add_argument("--list", action="store_true", help="list the drawn mutants and exit")
     p.add_argument("--smoke-test", action="store_true", help="3 mutants only")
     a = p.parse_args(argv)
@@ -243,7 +247,17 @@ def main(argv=None) -> int:
         return 0
     equiv_path = ROOT / "bench" / "mutation_equivalent.json"
     equivalent = json.loads(equiv_path.read_text()) if equiv_path.is_file() else {}
-    work = make_copy(a.tests_ref)
+    work = make_copy(a.tests_ref)  # sources are read from this private copy from here on
+    kept = []
+    if a.rerun:
+        previous = json.loads(Path(a.rerun).read_text())["mutants"]
+        if [m["id"] for m in previous] != [m["id"] for m in mutants]:
+            print(f"error: {a.rerun} holds a different draw of mutants (other --max/--seed or sources)",
+                  file=sys.stderr)
+            return 2
+        kept = [m for m in previous if m["status"].startswith("killed")]
+        kept_ids = {m["id"] for m in kept}
+        mutants = [m for m in mutants if m["id"] not in kept_ids]
     try:
         for rel in sorted({m["file"] for m in mutants}):  # the unmutated code must pass
             status, secs = run_tests(work, rel, a.timeout * 3)
@@ -252,8 +266,8 @@ def main(argv=None) -> int:
                 return 2
         results = []
         for j, m in enumerate(mutants, 1):
-            original = (ROOT / m["file"]).read_text()
-            (work / m["file"]).write_text(mutated_source(m))
+            original = (work / m["file"]).read_text()
+            (work / m["file"]).write_text(mutated_source(m, original))
             try:
                 status, secs = run_tests(work, m["file"], a.timeout)
             finally:
@@ -265,10 +279,11 @@ def main(argv=None) -> int:
             print(f"[{j}/{len(mutants)}] {status:17s} {secs:5.1f}s  {m['id']}", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    results = sorted(kept + results, key=lambda r: [x["id"] for x in everything].index(r["id"]))
     count = lambda s: sum(r["status"].startswith(s) for r in results)  # noqa: E731
     summary = {"candidates": len(everything), "tried": len(results), "killed": count("killed"),
                "survived": count("survived"), "equivalent": count("equivalent"), "errors": count("error"),
-               "tests_ref": a.tests_ref or "working tree", "seed": a.seed}
+               "tests_ref": a.tests_ref or "working tree", "seed": a.seed, "rerun_of": a.rerun}
     print(json.dumps(summary))
     for r in results:
         if r["status"] in ("survived", "equivalent"):

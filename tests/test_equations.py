@@ -236,7 +236,10 @@ def test_modality_id_views_on_the_generated_graph():
 
 # ------------------------------------------------------------------ eq. 5
 def test_inter_modal_attention_softmax_over_key_modalities():
-    """Eq. 5 by loops: softmax over the key modalities m', mean over heads, then over m."""
+    """Eq. 5 by loops: softmax over the key modalities m', mean over heads, then over m.
+
+    README differences table, row 2 (attention with K built from Q and no value path, a linear
+    no-op): the value depends on W^Q and W^K separately and is not the plain mean."""
     torch.manual_seed(0)
     att = InterModalAttention(8, 2).double()
     views = [rnd(10 + m, 4, 8) for m in range(3)]
@@ -346,7 +349,10 @@ def ref_real_rows(a, g, h_u, h_i, tau, zeta, gumbel=True, augment=True):
 @pytest.mark.parametrize("gumbel,augment", [(True, True), (True, False), (False, True)])
 def test_real_rows_gumbel_softmax_plus_zeta_cosine(gumbel, augment):
     """Real rows from the same uniform draws: (A + g)/τ inside the softmax, g = -log(-log U),
-    the ζ·cos part without the user's observed items, h detached; L2-normalised."""
+    the ζ·cos part without the user's observed items, h detached; L2-normalised.
+
+    README differences table, row 4 (Gumbel: only the noise divided by τ): τ = 0.5 tells
+    softmax((A + g)/τ) from softmax(A + g/τ)."""
     a = A[:3]
     h_u = torch.tensor(rnd(23, 3, 3), requires_grad=True)
     h_i = torch.tensor(rnd(24, 5, 3), requires_grad=True)
@@ -372,7 +378,9 @@ def _randomised_discriminator(n_items, p1=0.0, p2=0.0):
 
 
 def test_discriminator_widths_layer_order_and_slope_eval():
-    """D: widths |I| -> |I|/4 -> |I|/8 -> 1; Linear, LeakyReLU(0.2), BN, Dropout in that order; sigmoid out."""
+    """D: widths |I| -> |I|/4 -> |I|/8 -> 1; Linear, LeakyReLU(0.2), BN, Dropout in that order; sigmoid out.
+
+    README differences table, row 3 (LeakyReLU(True): slope 1, an affine discriminator)."""
     d = _randomised_discriminator(40).eval()
     assert (d.lin1.in_features, d.lin1.out_features) == (40, 10)
     assert (d.gamma2[0].in_features, d.gamma2[0].out_features) == (10, 5)
