@@ -387,6 +387,9 @@ def test_discriminator_widths_layer_order_and_slope_eval():
     assert (d.out.in_features, d.out.out_features) == (5, 1)
     x = rnd(25, 6, 40)
     close(d(torch.tensor(x)), ref_discriminator(d, x))
+    for n_items, widths in ((6, (1, 1)), (12, (3, 1)), (17, (4, 2))):  # floor division, at least 1
+        small = Discriminator(n_items, 0.0, 0.0)
+        assert (small.lin1.out_features, small.gamma2[0].out_features) == widths, n_items
 
 
 def test_discriminator_train_mode_batch_norm_and_dropout():

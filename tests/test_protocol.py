@@ -117,7 +117,7 @@ def scripted(monkeypatch, tiny, small_cfg):
     calls = {"test": []}
 
     def make(curve):
-        def train_epoch(self, timer=None, progress=False):
+        def train_epoch(self, *args, **kwargs):
             self.epoch += 1
             with torch.no_grad():
                 self.model.user_emb.fill_(float(self.epoch))
@@ -125,7 +125,7 @@ def scripted(monkeypatch, tiny, small_cfg):
                                          for m in self.model.modalities})
             return {k: 0.0 for k in LOSS_TERMS}
 
-        def evaluate_(self, split):
+        def evaluate_(self, split, *args, **kwargs):
             marker = self.model.user_emb[0, 0].item()
             if split == "test":
                 cols = {int(g.cols[0, 0]) for g in self.model.graphs.values()}
@@ -146,7 +146,7 @@ def test_selection_on_validation_and_test_once_at_the_selected_epoch(scripted, t
     afterwards, with epoch 2's weights and generated graphs; the result's val metrics are epoch 2's."""
     calls = scripted([0.1, 0.4, 0.2, 0.4, 0.3])
     result = fit(small_cfg.replace(epochs=5, patience=0), tiny)
-    assert result["best_epoch"] == 2 and result["epochs_run"] == 5
+    assert result["best_epoch"] == 2 and result["epochs_run"] == 5 and not result["stopped_early"]
     assert calls["test"] == [(2.0, {2})]
     assert result["test/recall@20"] == 2.0
     assert result["val/recall@20"] == 0.4 and result["val/ndcg@20"] == 2.0
@@ -158,3 +158,56 @@ def test_early_stopping_counts_epochs_without_a_better_validation_value(scripted
     result = fit(small_cfg.replace(epochs=6, patience=3), tiny)
     assert result["epochs_run"] == 5 and result["best_epoch"] == 2 and result["stopped_early"]
     assert calls["test"] == [(2.0, {2})]
+
+
+def test_bpr_batches_distinct_users_train_positive_uniform_unobserved_negative():
+    """BPR sampling: a batch holds distinct users with train items; each has one positive from its
+    train items and one negative drawn uniformly among the items NOT in its train items; an epoch
+    is ceil(|train| / batch_size) batches."""
+    from mmssl.step import BatchSampler
+
+    lists = [[0, 1, 2], [3], [], [0, 4, 5, 6, 7, 8], [9, 10]]   # user 2 has no train item
+    train = csr(lists)
+    sampler = BatchSampler(train, 3, np.random.default_rng(0))
+    assert sampler.n_batches == math.ceil(12 / 3)
+    negatives = {u: [] for u in range(5)}
+    for _ in range(1500):
+        users, pos, neg = sampler.sample()
+        assert len(set(users.tolist())) == 3 and 2 not in users.tolist()
+        for u, p, n in zip(users.tolist(), pos.tolist(), neg.tolist()):
+            assert p in lists[u] and n not in lists[u]
+            negatives[u].append(n)
+    counts = np.bincount(negatives[3], minlength=N_ITEMS)    # 6 unobserved items, ~1/6 each
+    unobserved = [i for i in range(N_ITEMS) if i not in lists[3]]
+    assert (counts[lists[3]] == 0).all()
+    assert np.abs(counts[unobserved] / counts.sum() - 1 / 6).max() < 0.05
+
+
+def test_epoch_losses_are_the_mean_over_its_batches(tiny, small_cfg, monkeypatch):
+    """train/* of an epoch = mean over its ceil(|train|/batch_size) batches of each term; a term that
+    turns NaN is named (the component, not the total, at a tie)."""
+    import mmssl.train
+    from mmssl.errors import DivergedError
+
+    values = []
+
+    def fake_step(*args, **kwargs):
+        values.append(len(values) + 1.0)
+        return torch.arange(len(LOSS_TERMS), dtype=torch.float32) + values[-1]
+
+    monkeypatch.setattr(mmssl.train, "train_step", fake_step)
+    run = Run(small_cfg, tiny, torch.device("cpu"))
+    n = run.sampler.n_batches
+    means = run.train_epoch()
+    assert len(values) == n == math.ceil(tiny.train.nnz / small_cfg.batch_size)
+    assert means == {k: pytest.approx((n + 1) / 2 + j) for j, k in enumerate(LOSS_TERMS)}
+
+    def nan_step(*args, **kwargs):
+        t = torch.ones(len(LOSS_TERMS))
+        t[0] = t[3] = float("nan")
+        return t
+
+    monkeypatch.setattr(mmssl.train, "train_step", nan_step)
+    with pytest.raises(DivergedError) as err:
+        run.train_epoch()
+    assert err.value.term == LOSS_TERMS[3] and err.value.epoch == 2
