@@ -199,6 +199,8 @@ def run_tests(work: Path, rel: str, timeout: float) -> tuple[str, float]:
         return "survived", time.perf_counter() - t0
     if rc in (1, 2):  # failures / collection or import errors
         return "killed", time.perf_counter() - t0
+    if rc < 0:  # the test process died of a signal (e.g. a segfault in a sparse kernel): the suite fails
+        return "killed (crash)", time.perf_counter() - t0
     return f"error rc={rc}", time.perf_counter() - t0
 
 

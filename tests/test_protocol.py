@@ -211,3 +211,23 @@ def test_epoch_losses_are_the_mean_over_its_batches(tiny, small_cfg, monkeypatch
     with pytest.raises(DivergedError) as err:
         run.train_epoch()
     assert err.value.term == LOSS_TERMS[3] and err.value.epoch == 2
+
+
+@pytest.mark.parametrize("with_truth", [[0, 2, 4], [0, 2, 3], [0, 2, 3, 5], [1, 2, 3, 4, 5], [3]])
+@pytest.mark.parametrize("chunk_size", [2, 64])
+def test_evaluate_scores_exactly_the_users_with_truth(with_truth, chunk_size):
+    """Only the users with truth are scored, each with ITS OWN row of scores, whether they form a
+    contiguous block (the sliced fast path) or not, in one chunk or several."""
+    n_users, n_items = 6, 9
+    g = torch.Generator().manual_seed(len(with_truth) + chunk_size)
+    U, I = torch.randn(n_users, 4, generator=g), torch.randn(n_items, 4, generator=g)
+    truth = [[(u + 3) % n_items, (2 * u) % n_items] if u in with_truth else [] for u in range(n_users)]
+    exclude = [[(u + 1) % n_items] for u in range(n_users)]
+    S = (U @ I.T).tolist()
+    per_user = []
+    for u in with_truth:   # by hand: rank the non-excluded items, NDCG@3 with IDCG over min(|T|, 3)
+        order = sorted((i for i in range(n_items) if i not in exclude[u]), key=lambda i: (-S[u][i], i))[:3]
+        dcg = sum(1 / math.log2(r + 2) for r, i in enumerate(order) if i in truth[u])
+        per_user.append(dcg / sum(1 / math.log2(r + 2) for r in range(min(len(set(truth[u])), 3))))
+    got = evaluate(U, I, exclude, truth, ks=(3,), chunk_size=chunk_size)
+    assert got["ndcg@3"] == pytest.approx(float(np.mean(per_user)), abs=1e-9)
