@@ -23,6 +23,7 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -164,6 +165,9 @@ def _quiet_tune() -> None:
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: no tables; Progress prints instead
     # a failed trial's traceback goes to its error.txt; Progress prints the one-line reason
     logging.getLogger("ray.tune.execution.tune_controller").setLevel(logging.CRITICAL)
+    # ASHA takes a percentile over a rung whose values are all NaN while a trial has not yet
+    # selected an epoch (or diverged); numpy's warning about it is noise on the console
+    warnings.filterwarnings("ignore", message="All-NaN slice encountered", category=RuntimeWarning)
 
 
 def run_config(exp_dir: Path, callbacks=(), max_failures: int = 2) -> tune.RunConfig:
