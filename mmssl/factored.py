@@ -18,9 +18,15 @@ computed from d-wide factors and a few sparse entries, never from a B x |I| row:
   product: through the Gram matrix W_1 W_1ᵀ (|I|/4 x |I|/4, one product forward and one,
   symmetric, backward) or directly g W_1, whichever has fewer flops.
 
-The Gumbel noise is drawn in chunks of users with the same generator calls' total as the
-dense path: on the CPU the draws equal the dense path's one ``rand`` of B x |I|, so the two
-paths give the same numbers for the same random state (tests/test_factored.py).
+The Gumbel noise is drawn in chunks of users (never the whole B x |I| at once). On the CPU
+consecutive ``rand`` calls give exactly the numbers of the dense path's single ``rand`` of
+B x |I|, so both paths give the same numbers for the same random state
+(tests/test_factored.py); on CUDA the chunked draws are different numbers of the same
+i.i.d. U(0,1) distribution. Dropout masks and α are drawn in the dense path's order.
+
+Source: the equations of shared/design/mmssl.md ("Adversarial part"; WGAN-GP as in
+Gulrajani et al. 2017), re-computed exactly. Shapes are given per function; nothing here
+raises beyond torch's own shape/dtype errors.
 """
 from __future__ import annotations
 
@@ -80,6 +86,43 @@ class FactoredRows:
         if self.dense is not None:
             x = x + self.dense
         return x * self.inv_norm[:, None]
+
+
+def first_layer_rows(blocks: list[FactoredRows], weight_t: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """z = rows W_1ᵀ + b_1 for several blocks of factored rows at once, stacked: [Σ n, |I|/4].
+
+    Same values as ``torch.cat([b.first_layer(weight_t, bias) for b in blocks])``, but all
+    low-rank right factors go through ONE product with W_1ᵀ (one |I| x |I|/4 gradient in the
+    backward instead of one per term) and all sparse parts through one CSR product.
+    """
+    h1 = weight_t.shape[1]
+    terms = [(k, left, right, w) for k, b in enumerate(blocks) for left, right, w in b.lowrank]
+    offsets = [0]
+    for b in blocks:
+        offsets.append(offsets[-1] + b.n)
+    rows = torch.cat([b.rows + offsets[k] for k, b in enumerate(blocks)])
+    cols = torch.cat([b.cols for b in blocks])
+    vals = torch.cat([b.vals for b in blocks])
+    z = _SparseRowsMm.apply(vals, weight_t, rows, cols, offsets[-1])
+    if terms:
+        p_all = torch.cat([right for _, _, right, _ in terms], dim=1).T @ weight_t      # [T·d, h1]
+        parts, at = [], 0
+        low = []
+        for k, left, _, w in terms:
+            d = left.shape[1]
+            low.append((k, w * (left @ p_all[at:at + d])))
+            at += d
+        for k, b in enumerate(blocks):
+            mine = [x for kk, x in low if kk == k]
+            block = sum(mine) if mine else weight_t.new_zeros(b.n, h1)
+            if b.dense is not None:
+                block = block + b.dense @ weight_t
+            parts.append(block)
+        z = z + torch.cat(parts)
+    elif any(b.dense is not None for b in blocks):
+        z = z + torch.cat([b.dense @ weight_t if b.dense is not None else weight_t.new_zeros(b.n, h1)
+                           for b in blocks])
+    return z * torch.cat([b.inv_norm for b in blocks])[:, None] + bias
 
 
 class _SparseRowsMm(torch.autograd.Function):
@@ -266,8 +309,9 @@ def factored_discriminator_loss(critic, real: FactoredRows, fakes: list[Factored
     Same value as ``mmssl.losses.discriminator_loss`` on the materialised rows.
     """
     w, b = critic.lin1.weight.T.contiguous(), critic.lin1.bias
-    z_fake = torch.cat([f.first_layer(w, b) for f in fakes])
-    z_real = real.first_layer(w, b)
+    z = first_layer_rows([*fakes, real], w, b)
+    n_fake = sum(f.n for f in fakes)
+    z_fake, z_real = z[:n_fake], z[n_fake:]
     loss = critic.head(z_fake).mean() - critic.head(z_real).mean()
     if gp_weight > 0:
         loss = loss + gp_weight * factored_gradient_penalty(critic, z_real.repeat(len(fakes), 1), z_fake)
@@ -277,4 +321,4 @@ def factored_discriminator_loss(critic, real: FactoredRows, fakes: list[Factored
 def factored_generator_loss(critic, fakes: list[FactoredRows]) -> torch.Tensor:
     """L_G = −mean D(fake) on factored rows; gradients reach the views through d-wide products."""
     w, b = critic.lin1.weight.T.contiguous(), critic.lin1.bias
-    return -critic.head(torch.cat([f.first_layer(w, b) for f in fakes])).mean()
+    return -critic.head(first_layer_rows(fakes, w, b)).mean()
