@@ -104,24 +104,17 @@ def first_layer_rows(blocks: list[FactoredRows], weight_t: torch.Tensor, bias: t
     cols = torch.cat([b.cols for b in blocks])
     vals = torch.cat([b.vals for b in blocks])
     z = _SparseRowsMm.apply(vals, weight_t, rows, cols, offsets[-1])
+    low = [weight_t.new_zeros(b.n, h1) for b in blocks]
     if terms:
         p_all = torch.cat([right for _, _, right, _ in terms], dim=1).T @ weight_t      # [T·d, h1]
-        parts, at = [], 0
-        low = []
+        at = 0
         for k, left, _, w in terms:
-            d = left.shape[1]
-            low.append((k, w * (left @ p_all[at:at + d])))
-            at += d
-        for k, b in enumerate(blocks):
-            mine = [x for kk, x in low if kk == k]
-            block = sum(mine) if mine else weight_t.new_zeros(b.n, h1)
-            if b.dense is not None:
-                block = block + b.dense @ weight_t
-            parts.append(block)
-        z = z + torch.cat(parts)
-    elif any(b.dense is not None for b in blocks):
-        z = z + torch.cat([b.dense @ weight_t if b.dense is not None else weight_t.new_zeros(b.n, h1)
-                           for b in blocks])
+            low[k] = low[k] + w * (left @ p_all[at:at + left.shape[1]])
+            at += left.shape[1]
+    for k, b in enumerate(blocks):
+        if b.dense is not None:                                          # large-τ fallback only
+            low[k] = low[k] + b.dense @ weight_t
+    z = z + torch.cat(low)
     return z * torch.cat([b.inv_norm for b in blocks])[:, None] + bias
 
 
