@@ -24,9 +24,9 @@ import torch
 
 from mmssl.config import Config
 from mmssl.data import flat_keys
-from mmssl.factored import (batch_pairs, factored_discriminator_loss, factored_fake_rows, factored_generator_loss,
+from mmssl.factored import (factored_discriminator_loss, factored_fake_rows, factored_generator_loss,
                             factored_real_rows)
-from mmssl.graph import batch_rows
+from mmssl.graph import batch_pairs, batch_rows
 from mmssl.losses import (bpr_loss, discriminator_loss, fake_rows, generator_loss, gumbel_real_rows, info_nce,
                           l2_penalty)
 

@@ -178,7 +178,8 @@ def test_tiktok_slice_float64(monkeypatch):
 def _runs(**overrides):
     data = make_dataset(n_users=300, n_items=200, seed=0)
     base = dict(device="cpu", batch_size=128, **overrides)
-    return data, {impl: Run(Config(disc_impl=impl, **base), data, torch.device("cpu")) for impl in ("dense", "factored")}
+    return data, {impl: Run(Config(disc_impl=impl, **base), data, torch.device("cpu"))
+                  for impl in ("dense", "factored")}
 
 
 @pytest.mark.parametrize("overrides", [{}, {"gumbel_tau": 1.0}], ids=["default", "tau=1.0"])
