@@ -8,6 +8,8 @@ Run from the repository root (the venv active):
     python bench/epoch.py --device cuda --full-epoch       # GPU: whole epochs, no extrapolation
     python bench/epoch.py --set batch_size=2048 --set eval_chunk=4096 --threads 1
     python bench/epoch.py --smoke-test                     # tiny synthetic data, seconds
+    python bench/epoch.py --compare-disc-impl --threads 1 --batches 3   # dense vs factored D, interleaved
+    python bench/epoch.py --scaling 2000,8000,32000 --threads 1 --batches 2 --set batch_size=256
 
 Data sets (``--data-root``, default ``../shared/data`` next to the repository):
 (a) ``tiktok``: real interactions and features (9,308 users, 6,710 items, 2 modalities);
@@ -35,6 +37,12 @@ Timings are medians; memory is the peak per phase: on CPU the process peak RSS
 on CUDA ``torch.cuda.max_memory_allocated``. The script also asserts one forward pass per
 batch and reports the largest dense tensor a training batch and an evaluation create (it
 must stay below users x items).
+
+``--compare-disc-impl`` replaces the per-phase table by the interleaved comparison of the
+discriminator implementations (``disc_impl: dense`` before and after issue 6, and
+``factored``), batch by batch, with the no-dense-row-tensor assertion on the factored
+path; ``--scaling`` times dense vs factored on random catalogues of the given sizes
+(bench/disc_compare.py).
 """
 from __future__ import annotations
 
@@ -59,6 +67,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 from eval_speed import bare_topk, median_times  # noqa: E402
+import disc_compare  # noqa: E402
 
 from mmssl.cli import run_main  # noqa: E402
 from mmssl.config import Config  # noqa: E402
@@ -443,6 +452,11 @@ def main(argv=None) -> int:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     ap.add_argument("--compare-no-adversarial", action="store_true",
                     help="also run each data set with adversarial=false")
+    ap.add_argument("--compare-disc-impl", action="store_true",
+                    help="dense vs factored discriminator, interleaved batch by batch (instead of the phase table)")
+    ap.add_argument("--scaling", default="", metavar="N,N,...",
+                    help="dense vs factored on random catalogues of these item counts (same users), then exit")
+    ap.add_argument("--scaling-users", type=int, default=4000, help="users of the --scaling catalogues")
     ap.add_argument("--feature-seed", type=int, default=0, help="seed of Baby's random features")
     ap.add_argument("--smoke-test", action="store_true", help="tiny synthetic data (300 x 200), seconds")
     args = ap.parse_args(argv)
@@ -455,12 +469,25 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     cfg = Config.from_yaml(args.config, [*args.set, f"device={args.device}"])
     device = resolve_device(cfg.device)
+    if args.scaling:
+        try:
+            sizes = [int(x) for x in args.scaling.split(",") if x.strip()]
+        except ValueError:
+            ap.error(f"--scaling {args.scaling!r}: expected comma-separated item counts")
+        if args.smoke_test:
+            sizes, args.scaling_users = [s // 20 for s in sizes], 200
+        disc_compare.scaling(sizes, args.scaling_users, cfg, device, PeakMemory(device), args.batches)
+        return 0
     all_data = datasets(args)
     print(f"bench/epoch.py  {time.strftime('%Y-%m-%d %H:%M')}  torch {torch.__version__}  device={device}"
           + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
           + f"  threads={torch.get_num_threads()}  cpus={os.cpu_count()}  "
             f"loadavg={tuple(round(x, 2) for x in os.getloadavg())}"
           + (f"  overrides: {' '.join(args.set)}" if args.set else ""))
+    if args.compare_disc_impl:
+        for name, data in all_data.items():
+            disc_compare.compare(name, data, cfg, device, PeakMemory(device), args.batches)
+        return 0
     summary = []
     for name, data in all_data.items():
         res = bench_one(name, data, cfg, device, args, "config as given")

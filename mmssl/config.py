@@ -70,6 +70,8 @@ class Config:
     device: str = _f("auto", "auto (cuda if available) | cpu | cuda | cuda:N")
     amp: bool = _f(False, "bfloat16 autocast on CUDA (ignored on CPU)")
     eval_chunk: int = _f(2048, "users per chunk of the full-ranking evaluation and graph rebuild")
+    disc_impl: str = _f("factored", "discriminator input: factored (exact, rows never formed) | dense "
+                                    "(B x |I| rows; the reference form, for checking)")
 
     def __post_init__(self):
         _validate(self)
@@ -223,6 +225,7 @@ def _validate(c: Config) -> None:
     need(c.n_layers >= 0, "n_layers", "must be >= 0")
     need(c.patience >= 0, "patience", "must be >= 0")
     need(c.embed_dim % c.n_heads == 0, "n_heads", f"must divide embed_dim={c.embed_dim}")
+    need(c.disc_impl in ("factored", "dense"), "disc_impl", "must be factored or dense")
     dev = c.device
     need(dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit()),
          "device", "must be auto, cpu, cuda or cuda:N")

@@ -75,15 +75,24 @@ def observed_operators(train: sp.csr_matrix, device) -> tuple[SparseOp, SparseOp
     return SparseOp.from_scipy(a_u, device), SparseOp.from_scipy(a_i, device)
 
 
-def batch_rows(train_t: torch.Tensor, users: torch.Tensor) -> torch.Tensor:
-    """Dense 0/1 rows A[users, :] of a torch CSR matrix, for a batch of users (B x |I|)."""
+def batch_pairs(train_t: torch.Tensor, users: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Observed pairs of a batch of users in a torch CSR matrix: (row in the batch [nnz], item [nnz]).
+
+    Rows ascend (CSR order); ``users`` [B] int64. This is all the factored discriminator
+    (mmssl.factored) needs of A[users, :].
+    """
     crow, col = train_t.crow_indices(), train_t.col_indices()
     start, end = crow[users], crow[users + 1]
     counts = end - start
     row_ids = torch.repeat_interleave(torch.arange(len(users), device=users.device), counts)
     offsets = torch.arange(int(counts.sum()), device=users.device) - torch.repeat_interleave(
         torch.cumsum(counts, 0) - counts, counts)
-    cols = col[torch.repeat_interleave(start, counts) + offsets]
+    return row_ids, col[torch.repeat_interleave(start, counts) + offsets]
+
+
+def batch_rows(train_t: torch.Tensor, users: torch.Tensor) -> torch.Tensor:
+    """Dense 0/1 rows A[users, :] of a torch CSR matrix, for a batch of users (B x |I|)."""
+    row_ids, cols = batch_pairs(train_t, users)
     out = torch.zeros(len(users), train_t.shape[1], device=users.device)
     out[row_ids, cols] = 1.0
     return out
@@ -107,19 +116,28 @@ class GeneratedGraph(SparseOp):
         self.item_side, self.cols = item_side, cols
 
 
+# CPU: users per rebuild chunk so that the chunk's scores (chunk x |I| float32) stay in cache
+REBUILD_CACHE_ELEMENTS = 1 << 19
+
+
 @torch.no_grad()
 def generator_graph(f_u: torch.Tensor, f_i: torch.Tensor, k: int, chunk: int = 2048) -> GeneratedGraph:
     """Generated modality graph G^m of eq. (3) for EVERY user: top-k items of Â^m[u,:] = cos(f_u^m, f_i^m).
 
-    Chunked over users on the device (never a dense |U| x |I| matrix). Returns the
-    normalised operators of eq. (4): ``D_u^{-1/2} G`` (each user's k items, weights
-    1/sqrt(k)) and ``D_i^{-1/2} G^T``.
+    Chunked over users on the device (never a dense |U| x |I| matrix): scores and top-k
+    are fused per chunk of at most ``chunk`` users; on the CPU a chunk is further capped
+    at ``REBUILD_CACHE_ELEMENTS`` scores so that it stays in cache (measured in
+    bench/README.md). Returns the normalised operators of eq. (4): ``D_u^{-1/2} G``
+    (each user's k items, weights 1/sqrt(k)) and ``D_i^{-1/2} G^T``.
     """
     n_users, n_items = f_u.shape[0], f_i.shape[0]
     fu, fi = F.normalize(f_u.float(), dim=1), F.normalize(f_i.float(), dim=1)
+    if fu.device.type == "cpu":
+        chunk = max(1, min(chunk, REBUILD_CACHE_ELEMENTS // max(1, n_items)))
+    fi_t = fi.T.contiguous()
     cols = torch.empty(n_users, k, dtype=torch.int64, device=f_u.device)
     for s in range(0, n_users, chunk):
-        cols[s:s + chunk] = torch.topk(fu[s:s + chunk] @ fi.T, k, dim=1).indices
+        cols[s:s + chunk] = torch.topk(fu[s:s + chunk] @ fi_t, k, dim=1).indices
     return modality_id_operators(cols, n_items)
 
 

@@ -168,7 +168,10 @@ class Discriminator(nn.Module):
     """D(a) = sigmoid(Linear(Γ(Γ(a)))), Γ(a) = Dropout(BN(LeakyReLU_0.2(Linear(a)))); |I| -> |I|/4 -> |I|/8 -> 1.
 
     :meth:`first_layer` is kept separate: it is the |I| x |I|/4 product where nearly
-    all the time goes, and the place a factored form can be swapped in.
+    all the time goes. :meth:`head` is everything after it (LeakyReLU, BN, dropout, the
+    second layer and the output), so that ``D(x) = head(first_layer(x))`` and the factored
+    path (``mmssl.factored``, ``disc_impl: factored``) feeds ``head`` the exact first-layer
+    output of rows it never forms.
     """
 
     def __init__(self, n_items: int, p1: float, p2: float):
@@ -183,5 +186,10 @@ class Discriminator(nn.Module):
         """rows -> W_1 rows + b_1 (the |I| x |I|/4 step)."""
         return self.lin1(rows)
 
+    def head(self, z: torch.Tensor) -> torch.Tensor:
+        """z = W_1 x + b_1 [n, |I|/4] -> D(x) = sigmoid(Linear(Γ_2(Dropout(BN(LeakyReLU(z)))))) [n]."""
+        return torch.sigmoid(self.out(self.gamma2(self.rest1(z)))).squeeze(-1)
+
     def forward(self, rows: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.out(self.gamma2(self.rest1(self.first_layer(rows))))).squeeze(-1)
+        """rows [n, |I|] -> D(rows) [n] in (0, 1)."""
+        return self.head(self.first_layer(rows))

@@ -4,8 +4,11 @@
 
 1. one forward pass with gradients (eqs. 1-7; generated graphs rebuilt every T batches);
 2. BPR, InfoNCE (λ2, τ'), L2 (λ4) on the batch;
-3. fake rows Â^m[u,:] (with gradients) and real rows Ã[u,:] (detached, τ, ζ);
-4. D step on the detached rows: L_D with the gradient penalty (λ1);
+3. fake rows Â^m[u,:] (with gradients) and real rows Ã[u,:] (detached, τ, ζ): with
+   ``disc_impl: factored`` (default) as :class:`mmssl.factored.FactoredRows`, never formed,
+   with ``dense`` as B x |I| tensors (the reference form, for checking and benchmarks);
+4. D step on the detached rows: L_D with the gradient penalty (λ1); the backward computes
+   only the discriminator's gradients (not the unused one w.r.t. the interpolated rows);
 5. G step: L = L_BPR + λ2 L_CL + λ3 L_G + λ4 ||E_batch||^2, one backward, one optimizer step.
 """
 from __future__ import annotations
@@ -21,7 +24,9 @@ import torch
 
 from mmssl.config import Config
 from mmssl.data import flat_keys
-from mmssl.graph import batch_rows
+from mmssl.factored import (factored_discriminator_loss, factored_fake_rows, factored_generator_loss,
+                            factored_real_rows)
+from mmssl.graph import batch_pairs, batch_rows
 from mmssl.losses import (bpr_loss, discriminator_loss, fake_rows, generator_loss, gumbel_real_rows, info_nce,
                           l2_penalty)
 
@@ -87,8 +92,13 @@ class BatchSampler:
 
 
 def train_step(model, disc, opt, opt_d, train_t: torch.Tensor, users, pos, neg, cfg: Config,
-               rebuild: bool, timer=no_timer) -> torch.Tensor:
-    """One batch (see the module docstring). Returns the detached loss terms in LOSS_TERMS order."""
+               rebuild: bool, timer=no_timer, d_grads_only: bool = True) -> torch.Tensor:
+    """One batch (see the module docstring). Returns the detached loss terms in LOSS_TERMS order.
+
+    ``d_grads_only=False`` makes the D step's backward also compute the (unused) gradient
+    with respect to the dense path's interpolated rows, as before issue 6: only
+    bench/epoch.py uses it, to compare with that baseline. Values are the same either way.
+    """
     zero = torch.zeros((), device=users.device)
     mods = model.modalities
     adversarial = cfg.adversarial and disc is not None and bool(mods)
@@ -107,22 +117,32 @@ def train_step(model, disc, opt, opt_d, train_t: torch.Tensor, users, pos, neg, 
         loss_cl = zero
         if cfg.contrastive and mods:
             loss_cl = sum(info_nce(h_u, out.e_user_mod[m][users], cfg.cl_tau) for m in mods)
+        factored = cfg.disc_impl == "factored"
         if adversarial:
             with amp:
-                observed = batch_rows(train_t, users)
-                fake = torch.cat([fake_rows(views.f_user[m][users], views.f_item[m], observed) for m in mods])
-                real = gumbel_real_rows(observed, h_u, out.h_item, cfg.gumbel_tau, cfg.aug_weight,
-                                        gumbel=cfg.gumbel, augment=cfg.augment)
+                if factored:
+                    pairs = batch_pairs(train_t, users)
+                    fake = [factored_fake_rows(views.f_user[m][users], views.f_item[m], pairs) for m in mods]
+                    real = factored_real_rows(pairs, len(users), h_u, out.h_item, cfg.gumbel_tau, cfg.aug_weight,
+                                              gumbel=cfg.gumbel, augment=cfg.augment)
+                else:
+                    observed = batch_rows(train_t, users)
+                    fake = torch.cat([fake_rows(views.f_user[m][users], views.f_item[m], observed) for m in mods])
+                    real = gumbel_real_rows(observed, h_u, out.h_item, cfg.gumbel_tau, cfg.aug_weight,
+                                            gumbel=cfg.gumbel, augment=cfg.augment)
     loss_d = loss_g = zero
     if adversarial:
         with timer("d_step"), amp:
             opt_d.zero_grad(set_to_none=True)
-            loss_d = discriminator_loss(disc, real.detach(), fake.detach(), cfg.gp_weight)
-            loss_d.backward()
+            if factored:
+                loss_d = factored_discriminator_loss(disc, real.detach(), [f.detach() for f in fake], cfg.gp_weight)
+            else:
+                loss_d = discriminator_loss(disc, real.detach(), fake.detach(), cfg.gp_weight)
+            loss_d.backward(inputs=[p for p in disc.parameters() if p.requires_grad] if d_grads_only else None)
             opt_d.step()
         with timer("g_step"), amp:
             disc.requires_grad_(False)
-            loss_g = generator_loss(disc, fake)
+            loss_g = factored_generator_loss(disc, fake) if factored else generator_loss(disc, fake)
             disc.requires_grad_(True)
     with timer("g_step"):
         loss = loss_bpr + cfg.cl_weight * loss_cl + cfg.adv_weight * loss_g + cfg.l2_weight * loss_reg

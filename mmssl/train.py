@@ -31,7 +31,7 @@ from mmssl.step import LOSS_TERMS, BatchSampler, no_timer, train_step
 
 SELECT = "val/recall@20"
 # keys that may differ between a checkpoint's config and the resuming config
-RESUME_FREE = {"epochs", "patience", "device", "eval_chunk", "amp"}
+RESUME_FREE = {"epochs", "patience", "device", "eval_chunk", "amp", "disc_impl"}
 OnEpoch = Callable[[int, dict[str, float], Callable[[Any], Path]], None]
 
 

@@ -63,3 +63,16 @@ def test_missing_file_and_bad_override():
 def test_replace_and_roundtrip():
     cfg = Config().replace(tau=0.01, modalities=["a"])
     assert cfg.gumbel_tau == 0.01 and Config.from_dict(cfg.to_dict()) == cfg
+
+
+def test_readme_config_table_matches_the_metadata():
+    """README's configuration table lists every key with its metadata doc and default (it is not generated)."""
+    from dataclasses import fields
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    rows = {line.split("|")[2].strip(): line for line in text.splitlines()
+            if line.startswith("|") and line.count("`") >= 4 and len(line.split("|")) > 5}
+    for f in fields(Config):
+        row = rows.get(f"`{f.name}`")
+        assert row is not None, f"README config table lacks {f.name}"
+        assert f.metadata["doc"].replace("|", "\\|") in row, f.name
+        assert f"`{f.default}`" in row, f.name
