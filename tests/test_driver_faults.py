@@ -70,11 +70,22 @@ def _descendants(pid: int) -> set[int]:
     return out
 
 
-def _running(pid: int) -> bool:
+def _start_time(pid: int) -> str | None:
+    """The process's start time (clock ticks since boot, /proc/PID/stat field 22): with a
+    small pid_max a PID is soon reused, so a PID alone does not name a process."""
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _running(pid: int, started: str | None = None) -> bool:
+    """``pid`` is alive (not a zombie) and, when ``started`` is given, still the same process."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
         return False
+    return fields[0] != "Z" and (started is None or fields[19] == started)
 
 
 def _temp_roots_of(pid: int) -> list[Path]:
@@ -103,12 +114,12 @@ def _interrupt(cmd: list[str], log: Path, sig: int, timeout: float = 240) -> dic
     else:
         proc.kill()
         pytest.fail(f"no third trial within {timeout} s:\n{log.read_text()[-3000:]}")
-    tree = _descendants(proc.pid)
+    tree = {p: _start_time(p) for p in _descendants(proc.pid)}
     roots = _temp_roots_of(proc.pid)
     os.kill(proc.pid, sig)
     rc = proc.wait(timeout=120)
     deadline = time.time() + 30
-    while time.time() < deadline and any(_running(p) for p in tree):
+    while time.time() < deadline and any(_running(p, t) for p, t in tree.items()):
         time.sleep(0.5)
     return {"rc": rc, "pid": proc.pid, "tree": tree, "roots": roots, "log": log.read_text()}
 
@@ -138,7 +149,7 @@ def test_the_driver_ended_and_left_no_ray_process(interrupted):
     else:
         assert first["rc"] == -signal.SIGKILL
     assert first["tree"], "the driver had started Ray processes"
-    assert not [p for p in first["tree"] if _running(p)], "Ray processes of the dead driver survive"
+    assert not [p for p, t in first["tree"].items() if _running(p, t)], "Ray processes of the dead driver survive"
 
 
 def test_resume_finishes_with_exactly_num_samples_trials(interrupted):

@@ -454,7 +454,9 @@ def test_train_step_objective_and_wiring(tiny, small_cfg, monkeypatch):
     """L = L_BPR + λ2 Σ_m L_CL^m + λ3 L_G + λ4 reg on the batch; the D step sees detached rows;
     real rows get the batch users' observed rows and h_u; fake rows f_u^m of the batch users; D is
     frozen while L_G is computed."""
-    cfg = small_cfg.replace(dropout=0.0, cl_weight=0.7, adv_weight=0.4, l2_weight=0.3)
+    # the dense discriminator path, whose functions are spied here; the factored default is pinned
+    # equal to it by tests/test_factored.py
+    cfg = small_cfg.replace(dropout=0.0, cl_weight=0.7, adv_weight=0.4, l2_weight=0.3, disc_impl="dense")
     run = Run(cfg, tiny, torch.device("cpu"))
     users, pos, neg = (torch.from_numpy(a) for a in run.sampler.sample())
     ref = Run(cfg, tiny, torch.device("cpu")).model  # same seed: the same initial weights
