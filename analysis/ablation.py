@@ -47,9 +47,9 @@ DEFAULT_CONFIG = REPO / "configs" / "ablation.yaml"
 SPEC_FILE = "spec.json"
 # --smoke-test: 3 variants x 2 seeds on small synthetic data, a few epochs
 SMOKE = {
-    "datasets": ["synthetic:300x200"],
-    "base": {"set": {"embed_dim": 32, "batch_size": 128, "eval_chunk": 512, "topk_rate": 0.02},
-             "epochs": 4, "patience": 2},
+    "datasets": ["synthetic:240x160"],
+    "base": {"set": {"embed_dim": 32, "batch_size": 256, "eval_chunk": 512, "topk_rate": 0.02},
+             "epochs": 3, "patience": 2},
     "variants": {"full": {}, "w/o CL": {"contrastive": False}, "ID-only": {"modalities": []}},
     "seeds": 2, "resources": {"cpus_per_run": 1, "max_concurrent": 2},
     "stats": {"n_resamples": 999},
@@ -76,8 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-concurrent", type=int, metavar="K", help="runs at once (default: as resources allow)")
     p.add_argument("--resume", action="store_true", help="continue the ablation in OUT/NAME with its saved spec: "
                    "finished runs are kept, the rest run")
-    p.add_argument("--smoke-test", action="store_true", help="synthetic 300x200 data, 3 variants (full, w/o CL, "
-                   "ID-only), 2 seeds, 4 epochs: about 1-2 minutes on 2 CPUs")
+    p.add_argument("--smoke-test", action="store_true", help="synthetic 240x160 data, 3 variants (full, w/o CL, "
+                   "ID-only), 2 seeds, 3 epochs: about 1-2 minutes on 2 CPUs")
     return p
 
 

@@ -154,13 +154,12 @@ def spec_from_dict(d: dict[str, Any], where: str, flags: dict[str, Any]) -> Abla
     source = base_d.get("config")
     base = _base_config(source, where)
     base.update(_overrides(base_d.get("set") or {}, f"{where}: base.set"))
-    for s in flags.get("sets", []):
+    base.update({k: base_d[k] for k in ("epochs", "patience") if base_d.get(k) is not None})
+    for s in flags.get("sets", []):  # the command line wins over the file
         key, value = parse_override(s)
         base[key] = value
-    for key in ("epochs", "patience"):
-        value = flags.get(key, base_d.get(key))
-        if value is not None:
-            base[key] = value
+    if flags.get("epochs") is not None:
+        base["epochs"] = flags["epochs"]
     base = Config.from_dict(base, where=f"{where}: base").to_dict()
     variants = d.get("variants")
     if variants is not None:
