@@ -86,10 +86,12 @@ def resolve(args: argparse.Namespace) -> tuple[AblationSpec, Path]:
     flags = {"out": args.out, "name": args.name, "seeds": args.seeds, "epochs": args.epochs,
              "gpus_per_run": args.gpus_per_run, "max_concurrent": args.max_concurrent, "sets": list(args.set)}
     if args.resume:
-        if not (args.out and args.name) and not args.config:
-            raise ConfigError("--resume: give --out and --name of the ablation to continue (or its --config)")
+        changed = [f for f, v in (("--seeds", args.seeds), ("--epochs", args.epochs), ("--set", args.set)) if v]
+        if changed:
+            raise ConfigError(f"--resume continues the saved ablation as it was; {changed[0]} would change it "
+                              "(start a new --name instead)")
         probe = load_spec(args.config, {"out": args.out, "name": args.name}) if args.config else None
-        exp = Path(args.out or probe.out) / (args.name or probe.name)
+        exp = Path(args.out or (probe.out if probe else "runs/ablation")) / (args.name or (probe.name if probe else "ablation"))
         saved = exp / SPEC_FILE
         if not saved.is_file():
             raise ConfigError(f"--resume: {saved} not found (give the --out/--name of an existing ablation)")
