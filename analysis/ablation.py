@@ -165,7 +165,9 @@ def check_folder(exp: Path, fingerprint: dict, spec: AblationSpec) -> bool:
             raise ConfigError(f"{exp} holds an ablation with a different config ({what}); nothing was changed: "
                               "use another --name/--out, or --resume to continue that one")
         return True
-    if exp.exists() and any(exp.iterdir()):
+    # a folder holding only a run cache (runs/, e.g. copied from another ablation) is fine: each cached
+    # run is reused only when its config hash and data fingerprint match
+    if exp.exists() and any(p.name != "runs" for p in exp.iterdir()):
         raise ConfigError(f"{exp} exists and is not an ablation folder (no {SPEC_FILE}); use another --name/--out")
     return False
 
@@ -199,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     unique = [j for *_, j in jobs if j.key not in aliases]
     n_var = {ds.name: len(resolved[ds.name]) for ds in spec.datasets}
     print(f"ablation: {', '.join(f'{n} ({k} variants)' for n, k in n_var.items())} x {len(spec.seeds)} seeds = "
-          f"{len(jobs)} runs ({len(unique)} distinct), <= {spec.base['epochs']} epochs each -> {exp}", flush=True)
+          f"{len(jobs)} runs ({len(unique)} distinct), <= {max(j.config['epochs'] for j in unique)} epochs each -> {exp}",
+          flush=True)
     t0 = time.time()
     try:
         with ray_session(address=args.address):

@@ -73,6 +73,9 @@ def write_all(folder: Path, spec: AblationSpec, rows, command: str, wall_s: floa
     identical = identical_variants(per_user, runs, TEST_METRICS, reference=REFERENCE)
     stats["identical_to_full"] = [(d, v) in identical for d, v in zip(stats["dataset"], stats["variant"])]
     meta = settings(spec, runs, command, wall_s)
+    meta["budget_overrides"] = {var: f"at most {r['config']['epochs']} epochs, patience {r['config']['patience']}"
+                                for _, var, _, r in rows
+                                if (r["config"]["epochs"], r["config"]["patience"]) != (meta["epochs"], meta["patience"])}
     (folder / "ablation.json").write_text(json.dumps(_clean(to_json(stats, runs, meta)), indent=1, allow_nan=False))
     md = markdown(stats, runs, meta)
     (folder / "ablation.md").write_text(md)
@@ -157,6 +160,7 @@ def legend(meta: dict) -> str:
     sub = ", ".join(f"{n}: {d['subset_users']} random users" for n, d in meta["datasets"].items() if d["subset_users"])
     return (f"Mean ± std (sample, ddof 1) over seeds {meta['seeds']} of the test metric; at most {meta['epochs']} epochs "
             f"(patience {meta['patience']}), model selection on {meta['selection']}"
+            + "".join(f"; {v}: {b}" for v, b in meta.get("budget_overrides", {}).items())
             + (f"; {sub}" if sub else "") + ". Δ% relative to full. * = significant: Holm-corrected p < "
             f"{meta['alpha']} for BOTH the paired t-test over seeds ({meta['tests']['seeds']}) and the Wilcoxon "
             "signed-rank test over test users (each user's metric averaged over seeds); n.s.: the test(s) that did "
