@@ -155,7 +155,7 @@ def plan(spec: AblationSpec):
     return datas, resolved, jobs, aliases
 
 
-def check_folder(exp: Path, fingerprint: dict, spec: AblationSpec) -> bool:
+def check_folder(exp: Path, fingerprint: dict) -> bool:
     """True when ``exp`` already holds this ablation; ConfigError when it holds anything else."""
     saved = exp / SPEC_FILE
     if saved.is_file():
@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     from tune.runner import data_fingerprint
 
     fingerprint = spec_fingerprint(spec, resolved, {n: data_fingerprint(d) for n, d in datas.items()})
-    existing = check_folder(exp, fingerprint, spec)
+    existing = check_folder(exp, fingerprint)
     exp.mkdir(parents=True, exist_ok=True)
     if not existing:
         (exp / SPEC_FILE).write_text(json.dumps({"spec": spec.to_dict(), "fingerprint": fingerprint}, indent=1))

@@ -254,3 +254,20 @@ def test_cli_resume_errors(argv, expected, tmp_path, capsys):
     rc = run_main(ablation.main, argv + ["--out", str(tmp_path), "--name", "none"], prog="ablation")
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and expected in err, err
+
+
+def test_existing_folder_rules(tmp_path):
+    from mmssl.errors import ConfigError
+
+    exp = tmp_path / "x"
+    assert ablation.check_folder(exp, {"a": 1}) is False            # new folder
+    (exp / "runs").mkdir(parents=True)
+    assert ablation.check_folder(exp, {"a": 1}) is False            # only a (copied) run cache
+    (exp / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="not an ablation folder"):
+        ablation.check_folder(exp, {"a": 1})
+    (exp / "notes.txt").unlink()
+    (exp / ablation.SPEC_FILE).write_text(json.dumps({"fingerprint": {"a": 1, "seeds": [1, 2]}}))
+    assert ablation.check_folder(exp, {"a": 1, "seeds": [1, 2]}) is True
+    with pytest.raises(ConfigError, match=r"seeds: \[1, 2\] saved, \[1, 2, 3\] now"):
+        ablation.check_folder(exp, {"a": 1, "seeds": [1, 2, 3]})
