@@ -23,7 +23,7 @@ def table_figure(table: pd.DataFrame, title: str = "") -> go.Figure:
     cells = [list(map(str, table.index))] + [list(map(str, table[c])) for c in table.columns]
     fig = go.Figure(go.Table(header={"values": header, "align": "left", "fill_color": "#eaeef2"},
                              cells={"values": cells, "align": "left"}))
-    fig.update_layout(title=title or None, height=80 + 28 * (len(table) + 1), margin={"l": 10, "r": 10, "t": 40, "b": 10})
+    fig.update_layout(title=title or None, height=70 + 24 * (len(table) + 1), margin={"l": 10, "r": 10, "t": 40, "b": 10})
     return fig
 
 
@@ -59,11 +59,12 @@ def difference_figure(stats: pd.DataFrame, metrics: list[str], labels: dict[str,
                                   "p seeds (Holm) %{customdata[2]:.3g}, p users (Holm) %{customdata[3]:.3g}"
                                   "<extra></extra>"), row=r, col=c)
             fig.add_vline(x=0, line_dash="dash", line_color="#555", row=r, col=c)
-            fig.update_yaxes(autorange="reversed", row=r, col=c)
+            order = [v for v in dict.fromkeys(stats["variant"]) if v != reference]
+            fig.update_yaxes(categoryorder="array", categoryarray=order, autorange="reversed", row=r, col=c)
             fig.update_xaxes(title_text=f"Δ {labels.get(m, m)} vs {reference} (95% CI)", row=r, col=c)
     n_var = max(1, stats["variant"].nunique() - 1)
-    fig.update_layout(height=max(320, (60 + 26 * n_var) * len(datasets)), margin={"t": 60},
-                      legend={"orientation": "h", "y": -0.12 / len(datasets)})
+    fig.update_layout(height=max(320, (80 + 26 * n_var) * len(datasets)), margin={"t": 90},
+                      legend={"orientation": "h", "x": 0, "y": 1.0, "yanchor": "top", "yref": "container"})
     return fig
 
 
