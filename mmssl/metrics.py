@@ -262,7 +262,7 @@ def rank_metrics(scores: torch.Tensor, exclude, truth, ks=KS) -> dict[str, float
 
 @torch.no_grad()
 def evaluate(user_emb: torch.Tensor, item_emb: torch.Tensor, exclude, truth, ks=KS,
-             chunk_size: int = 2048, prefix: str = "") -> dict[str, float]:
+             chunk_size: int = 2048, prefix: str = "", per_user: bool = False):
     """Chunked full-ranking evaluation of scores ``user_emb @ item_emb.T`` on their device.
 
     Only users with truth are scored, ``chunk_size`` at a time; exclusion (one sparse matrix,
@@ -272,6 +272,11 @@ def evaluate(user_emb: torch.Tensor, item_emb: torch.Tensor, exclude, truth, ks=
     users: exact tie order (rows whose top-K cut falls in a tie are re-scored and stably
     sorted), truth lookup, metrics. Two host syncs in all (tied-row lookup, final means).
     Keys: ``f"{prefix}{name}@{k}"``.
+
+    ``per_user=True`` returns ``(means, rows)`` instead of ``means``: ``rows`` maps ``"user"``
+    to the evaluated user ids (int64 ``[n_eval]``, ascending; users with truth) and every key
+    of ``means`` to that metric per user (float64 ``[n_eval]``). ``means`` is the mean of
+    those rows (the same tensor reduction as without ``per_user``).
     """
     ks = _check_ks(ks)
     if chunk_size < 1:
@@ -284,7 +289,8 @@ def evaluate(user_emb: torch.Tensor, item_emb: torch.Tensor, exclude, truth, ks=
     users_np = np.flatnonzero(np.diff(tr.indptr) > 0)
     n_eval = users_np.size
     if n_eval == 0:
-        return _nan_result(ks, prefix)
+        empty = {"user": users_np.astype(np.int64), **{k: np.zeros(0) for k in metric_names(ks, prefix)}}
+        return (_nan_result(ks, prefix), empty) if per_user else _nan_result(ks, prefix)
     ex_sub, tr_sub = ex[users_np], tr[users_np]
     users = torch.as_tensor(users_np, device=dev)
     first, contiguous = int(users_np[0]), int(users_np[-1]) - int(users_np[0]) + 1 == n_eval
@@ -310,4 +316,8 @@ def evaluate(user_emb: torch.Tensor, item_emb: torch.Tensor, exclude, truth, ks=
     vals, idx = _exact_order(buf[0], buf[1], kmax, m, rescore, chunk_size)  # host sync 1
     per_row = _row_metrics(vals, idx, _csr_flat_keys(tr_sub, dev),
                            torch.as_tensor(np.diff(tr_sub.indptr), device=dev), m, ks)
-    return dict(zip(metric_names(ks, prefix), per_row.mean(0).tolist()))  # host sync 2
+    means = dict(zip(metric_names(ks, prefix), per_row.mean(0).tolist()))  # host sync 2
+    if not per_user:
+        return means
+    cols = per_row.to(torch.float64).cpu().numpy()
+    return means, {"user": users_np.astype(np.int64), **{k: cols[:, j].copy() for j, k in enumerate(means)}}

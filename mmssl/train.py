@@ -101,14 +101,16 @@ class Run:
         return means
 
     @torch.no_grad()
-    def evaluate(self, split: str) -> dict[str, float]:
-        """Full-ranking metrics on ``val`` (train excluded) or ``test`` (train and val excluded)."""
+    def evaluate(self, split: str, per_user: bool = False):
+        """Full-ranking metrics on ``val`` (train excluded) or ``test`` (train and val excluded);
+        with ``per_user``, ``(means, rows)`` as :func:`mmssl.metrics.evaluate` returns them."""
         self.model.eval()
         out = self.model()  # builds the generated graphs only if none exist yet
         self.model.train()
         d = self.data
         exclude, truth = ([d.train], d.val) if split == "val" else ([d.train, d.val], d.test)
-        return evaluate(out.h_user, out.h_item, exclude, truth, chunk_size=self.cfg.eval_chunk, prefix=f"{split}/")
+        return evaluate(out.h_user, out.h_item, exclude, truth, chunk_size=self.cfg.eval_chunk, prefix=f"{split}/",
+                        per_user=per_user)
 
     # -- best-model tracking and checkpoints ---------------------------------
     def record(self, metrics: dict[str, float]) -> bool:
@@ -184,12 +186,15 @@ def check_resume(checkpoint: dict[str, Any], cfg: Config, data_fingerprint: dict
 
 
 def fit(config: Config, data: Dataset, on_epoch: OnEpoch | None = None, resume_from=None,
-        timer=no_timer, progress: bool = False) -> dict[str, Any]:
+        timer=no_timer, progress: bool = False, per_user: bool = False) -> dict[str, Any]:
     """Train MMSSL on ``data`` with ``config``; returns the result dict.
 
     ``on_epoch(epoch, metrics, save_checkpoint)`` is called after each epoch's
     validation; ``save_checkpoint(directory)`` writes ``directory/checkpoint.pt``.
     ``resume_from`` (a checkpoint file or its directory) continues a run exactly.
+    ``per_user=True`` adds ``result["per_user"]``: the test metrics of every evaluated user
+    from the same evaluator call, ``{"user": int64 [n_eval], "test/recall@10": float64
+    [n_eval], ...}`` (see :func:`mmssl.metrics.evaluate`); their means are the ``test/*`` values.
     Raises :class:`DivergedError` when a loss term turns NaN/inf.
     """
     run = Run(config, data, resolve_device(config.device))
@@ -215,7 +220,11 @@ def fit(config: Config, data: Dataset, on_epoch: OnEpoch | None = None, resume_f
         run.model.load_state_dict(run.best_state["model"])
         run.model.load_graph_state(run.best_state["graphs"])
         result.update({k: v for k, v in run.best_state["metrics"].items() if k.startswith("val/")})
-    result.update(run.evaluate("test"))
+    if per_user:
+        test, result["per_user"] = run.evaluate("test", per_user=True)
+        result.update(test)
+    else:
+        result.update(run.evaluate("test"))
     result["seconds"] = time.perf_counter() - t0
     result["config"] = config.to_dict()
     return result

@@ -12,6 +12,8 @@
   with its study in ``OUT/NAME/study.db``, and ASHA on ``time_attr="epoch"``.
   :func:`restore_tuner` continues an interrupted experiment from its folder.
 * :func:`run_final` re-trains one configuration with several seeds as Ray tasks.
+* :func:`run_fits` runs any list of (key, data set, config) jobs as Ray tasks with a per-key
+  result cache, per-user test metrics on request and a progress callback (ablation, sweeps).
 * :class:`Progress` prints one terse line per trial start/end and a heartbeat.
 """
 from __future__ import annotations
@@ -36,6 +38,7 @@ from mmssl import jsonio
 from mmssl.data import Dataset
 from mmssl.errors import ConfigError
 from mmssl.fingerprint import check_same_data
+from tune.fits import FitJob, config_hash, data_fingerprint, job_key, print_progress, run_fits  # noqa: F401 (API)
 from tune.searcher import DIVERGED_KEY, FINISHED_KEY, REASON_KEY, PruneAwareOptunaSearch, ResumableLimiter
 from tune.space import Space
 from tune.state import mark_failed_trials, trial_dirname_of, tune_trial_ids

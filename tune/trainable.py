@@ -181,3 +181,26 @@ def run_final_seed(config: dict[str, Any], data: Dataset, cpus: float) -> dict[s
     result["seed"] = cfg.seed
     result.update(placement())
     return result
+
+
+def run_fit_job(config: dict[str, Any], data: Dataset, cpus: float, per_user: bool = False) -> dict[str, Any]:
+    """One job of :func:`tune.runner.run_fits` (a Ray task): ``fit`` with validation selection,
+    test evaluated once at the best epoch.
+
+    Returns fit's result without ``config`` plus ``status`` ("ok"), ``reason`` ("") and, with
+    ``per_user``, ``per_user`` (fit's dict of per-user test arrays). A diverged run returns
+    ``{"status": "failed", "reason": <one line>, "diverged": True, "seconds": ...}``; any other
+    exception propagates (Ray wraps it in a ``RayTaskError``).
+    """
+    import time
+
+    torch.set_num_threads(max(1, int(cpus)))
+    cfg = Config.from_dict({**config, "device": trial_device()})
+    t0 = time.perf_counter()
+    try:
+        result = fit(cfg, data, per_user=per_user)
+    except DivergedError as e:
+        return {"status": "failed", "reason": str(e), "diverged": True, "seconds": time.perf_counter() - t0}
+    result.pop("config", None)
+    result.update(status="ok", reason="")
+    return result
