@@ -64,8 +64,13 @@ class SearchFolder:
 def space_from_dict(d: dict[str, Any], where: str) -> Space:
     """The :class:`Space` saved by ``Space.to_dict`` in ``search.json``; ConfigError if malformed."""
     try:
-        params = {k: Param(key=k, **{f: (tuple(v) if f == "choices" else v) for f, v in p.items() if f != "key"})
-                  for k, p in d["params"].items()}
+        params = {}
+        for k, p in d["params"].items():
+            fields = {f: (tuple(v) if f == "choices" else v) for f, v in p.items() if f != "key"}
+            if fields.get("dist") in ("uniform", "int"):  # search.json files written before the fix of
+                fields.setdefault("low", 0)                 # Space.to_dict dropped a bound equal to 0
+                fields.setdefault("high", 0)
+            params[k] = Param(key=k, **fields)
         kw = {k: v for k, v in d.items() if k != "params"}
         kw["final_seeds"] = tuple(kw.get("final_seeds") or ())
         return Space(params=params, **kw)

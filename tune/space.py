@@ -157,7 +157,9 @@ class Space:
     def to_dict(self) -> dict[str, Any]:
         """A plain mapping (for the experiment folder's ``search.json``)."""
         d = dataclasses.asdict(self)
-        d["params"] = {k: {f: v for f, v in dataclasses.asdict(p).items() if v not in (None, (), False)}
+        # keep 0 / 0.0 (== False in Python): a bound of 0 must survive
+        d["params"] = {k: {f: v for f, v in dataclasses.asdict(p).items()
+                           if v is not None and v is not False and v != ()}
                        for k, p in self.params.items()}
         d["final_seeds"] = list(self.final_seeds)
         return d
