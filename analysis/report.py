@@ -27,6 +27,7 @@ from analysis import sens_figures as F
 from analysis.boundary import NEAR, TOP_MIN, TOP_SHARE, WARN_SHARE, BoundaryWarning
 from analysis.importance import Importance, complete_study, top_pairs
 from analysis.search_folder import SearchFolder
+from mmssl.config import Config
 
 CSS = """body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0 auto;max-width:1150px;
 padding:0 24px 48px;color:#222;line-height:1.45}h1{margin:24px 0 4px}h2{margin-top:36px;border-bottom:1px solid #ddd}
@@ -111,8 +112,9 @@ def build(search: SearchFolder, imp: Importance, boundary: pd.DataFrame, warns: 
             ("trials", f"{len(trials)}: completed {counts.get('completed', 0)}, stopped early (ASHA) "
                        f"{counts.get('stopped_early', 0)}, failed {counts.get('failed', 0)}"),
             ("budget", f"up to {sp.max_epochs} epochs per trial; ASHA grace {sp.grace_period}, factor "
-                       f"{sp.reduction_factor:g}; patience {sp.fixed.get('patience', 'default')}"),
-            ("seeds", f"trials: config seed {sp.fixed.get('seed', 'default')}; final re-training: "
+                       f"{sp.reduction_factor:g}; patience {sp.fixed.get('patience', Config().patience)}"
+                       + (f"; sweeps: {sweep_info['epochs']} epochs per run, no scheduler" if sweep_info else "")),
+            ("seeds", f"trials: config seed {sp.fixed.get('seed', Config().seed)}; final re-training: "
                       f"{list(sp.final_seeds) or 'none'}; sweeps: {list(seeds) if seeds else 'no sweep'}"),
             ("best trial", f"{best_id}: {metric} {search.best.get('val', {}).get(metric, float('nan')):.4f}"
              if best_id else "none (every trial failed)"),

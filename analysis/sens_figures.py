@@ -134,7 +134,7 @@ def learning_curves(curves: pd.DataFrame, trials: pd.DataFrame, metric: str, run
     One trace per trial (legend: one entry per outcome).
     """
     fig = go.Figure()
-    status = dict(zip(trials["trial_id"].astype(str), trials["status"]))
+    status = dict(zip(trials["trial_id"].astype(str), trials["status"], strict=True))
     shown = set()
     if metric in curves.columns:
         for tid, c in curves.groupby(curves["trial_id"].astype(str), sort=False):
@@ -177,7 +177,7 @@ def sweep_panel(rows: pd.DataFrame, p: Param, best_value: Any, n_seeds: int) -> 
     """
     st = sweep_stats(rows)
     fig = go.Figure()
-    x = st["value"].to_numpy(dtype=float) if len(st) else np.array([])
+    x = st["value"].to_numpy(dtype=object if p.dist == "categorical" else float)
     for m in SWEEP_METRICS:
         if f"{m} mean" not in st:
             continue

@@ -77,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
         v = getattr(args, flag)
         if v is not None and v < 1:
             raise ConfigError(f"--{flag.replace('_', '-')}: must be >= 1, got {v}")
-    if args.gpus_per_run is not None and args.gpus_per_run < 0 or args.cpus_per_run is not None and args.cpus_per_run <= 0:
+    if (args.gpus_per_run is not None and args.gpus_per_run < 0) or \
+            (args.cpus_per_run is not None and args.cpus_per_run <= 0):
         raise ConfigError("--cpus-per-run must be > 0 and --gpus-per-run >= 0")
     if not args.study and not args.smoke_test:
         raise ConfigError("--study DIR is required (or --smoke-test)")

@@ -40,7 +40,7 @@ def make_search(folder: Path, params: list[dict], values: list[float], states: l
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(storage=f"sqlite:///{folder / 'study.db'}", study_name="mmssl", direction="maximize")
     rows, curves = [], []
-    for i, (p, v, s) in enumerate(zip(params, values, states)):
+    for i, (p, v, s) in enumerate(zip(params, values, states, strict=True)):
         tid = f"t{i:04d}"
         epochs = 1 if s == "PRUNED" else FIXED["epochs"]
         state = TrialState[s]
