@@ -25,7 +25,7 @@ from plotly.offline import get_plotlyjs
 
 from analysis import sens_figures as F
 from analysis.boundary import NEAR, TOP_MIN, TOP_SHARE, WARN_SHARE, BoundaryWarning
-from analysis.importance import Importance, complete_study, top_pairs
+from analysis.importance import EVALUATORS, Importance, complete_study, top_pairs
 from analysis.search_folder import SearchFolder
 from mmssl.config import Config
 
@@ -37,6 +37,7 @@ table.tbl th{background:#f5f5f5}.warn{background:#fff3cd;border:1px solid #e0b00
 .ok{background:#e8f5e9;border:1px solid #81c784;padding:8px 12px;margin:8px 0;border-radius:4px}
 .grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(520px,1fr));gap:8px}nav a{margin-right:12px}
 .note{color:#666;font-size:13px}"""
+FEW_PER_PARAM = 3  # fewer COMPLETE trials than this per hyperparameter: the importance section says "mostly noise"
 
 
 @dataclass
@@ -164,12 +165,20 @@ def _importance_section(imp: Importance) -> Section:
               "have no value). Each evaluator's importances sum to 1. fANOVA: variance of the objective explained by "
               "each hyperparameter (random forest); PED-ANOVA: how much each hyperparameter's distribution in the "
               "top 10% differs from the whole.")
+    n_params = imp.table["hyperparameter"].nunique() if len(imp.table) else 0
+    if len(imp.table) and imp.n_complete < FEW_PER_PARAM * n_params:
+        text += (f'<div class="warn">Caution: {imp.n_complete} COMPLETE trials for {n_params} hyperparameters '
+                 f'(fewer than {FEW_PER_PARAM} per hyperparameter). Both evaluators fit the objective on so few points '
+                 'that these importances are mostly noise; run more trials before reading them.</div>')
     if imp.notes:
         text += '<p class="note">' + "<br>".join(html.escape(n) for n in imp.notes) + "</p>"
     if not len(imp.table):
         return Section("importance", "Hyperparameter importance", text)
     wide = imp.table.pivot(index="hyperparameter", columns="evaluator", values="importance")
-    wide = wide.reindex(list(dict.fromkeys(imp.table["hyperparameter"]))).reset_index()
+    wide = wide.reindex(index=list(dict.fromkeys(imp.table["hyperparameter"])),
+                        columns=[c for c in EVALUATORS if c in wide.columns])
+    wide.columns.name = None
+    wide = wide.reset_index()
     return Section("importance", "Hyperparameter importance", text, [("importance", F.importance_bars(imp.table))],
                    after=_table(wide))
 
