@@ -5,7 +5,7 @@ Run from the repository root::
     python analysis/sensitivity.py --study runs/search/NAME                  # part 1 only: seconds
     python analysis/sensitivity.py --study runs/search/NAME --sweep configs/sensitivity.yaml
     python analysis/sensitivity.py --study runs/search/NAME --sweep configs/sensitivity.yaml --resume
-    python analysis/sensitivity.py --smoke-test                             # < 3 min on 2 CPUs
+    python analysis/sensitivity.py --smoke-test                             # search smoke test + tiny sweep: minutes on a CPU
 
 Part 1 (no training) reads the search folder: fANOVA and PED-ANOVA importance on the
 COMPLETE trials (``optuna.importance``), the objective against every hyperparameter,
@@ -66,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="reuse the finished runs of an earlier sweep in OUT")
     p.add_argument("--no-png", action="store_true", help="skip figures/*.png")
     p.add_argument("--smoke-test", action="store_true", help="without --study: run tune/search.py's smoke test "
-                   "first (no final re-training); then a 2-parameter x 3-value x 2-seed sweep; < 3 min on 2 CPUs")
+                   "first (no final re-training); then a 2-parameter x 3-value x 2-seed sweep of 3 epochs "
+                   "(a few minutes on 2 CPUs)")
     return p
 
 
