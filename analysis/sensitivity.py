@@ -48,7 +48,7 @@ SMOKE_SEEDS, SMOKE_PARAMS, SMOKE_EPOCHS = (1, 2), 2, 3  # and 3 values: both bou
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="analysis/sensitivity.py", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="analysis/sensitivity.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Exit status: 0 ok, 2 bad input (nothing written), 130 interrupted "
                                        "(finished sweep runs are kept; continue with --resume).")
