@@ -224,10 +224,13 @@ def _sweep_section(search: SearchFolder, sweeps: pd.DataFrame | None, info: dict
         return Section("sweeps", title, _p("No sweep was run. Add <code>--sweep configs/sensitivity.yaml</code> to "
                                            "train the best configuration with one hyperparameter changed at a time."))
     n_runs, failed = sweeps["run_key"].nunique(), sweeps.loc[sweeps["status"] != "ok", "run_key"].nunique()
-    patience = (search.best.get("config") or {}).get("patience", "default")
+    patience = (search.best.get("config") or {}).get("patience", Config().patience)
+    full = search.space.max_epochs
+    budget = "the search's full budget" if info["epochs"] == full else \
+        f"<b>not</b> the search's full budget of {full} epochs: set with --epochs or the file's 'epochs'"
     text = _p(f"Around the best configuration ({html.escape(str(search.best.get('trial_id')))}), each hyperparameter "
               f"over its grid with seeds {list(info['seeds'])}: {n_runs} distinct runs ({failed} failed; the best "
-              f"value's runs are shared by every panel), each at the full budget of {info['epochs']} epochs with no "
+              f"value's runs are shared by every panel), each of {info['epochs']} epochs ({budget}) with no "
               f"scheduler (fit's own patience {patience} stays), validation selection on val/recall@20 and the test "
               "split evaluated once at the selected epoch. Lines: mean over seeds; bands: ± sample std; dotted "
               "vertical line: the searched best value.")
