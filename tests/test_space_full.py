@@ -326,11 +326,11 @@ def test_final_seed_cache_is_strict_json_and_refuses_other_data(tmp_path):
     (cache / "seed_1.json").write_text(jsonio.dumps({"config": {**cfg, "seed": 1}, "data_fingerprint": fp,
                                                      "result": result}))
     json.loads((cache / "seed_1.json").read_text(), parse_constant=lambda t: pytest.fail(t))
-    got = run_final(space, cfg, data, cache, data_fingerprint=fp)  # all cached: no Ray needed
+    got = run_final(space, cfg, data, cache, data_fp=fp)  # all cached: no Ray needed
     assert got[0]["seed"] == 1 and math.isnan(got[0]["test/recall@20"])
     other = fingerprint(make_dataset(n_users=40, n_items=31, seed=0))
     with pytest.raises(DataError, match=r"seed_1.json: the data changed since this run started \(items 30 -> 31"):
-        run_final(space, cfg, data, cache, data_fingerprint=other)
+        run_final(space, cfg, data, cache, data_fp=other)
 
 
 @pytest.mark.parametrize("name", ["a/b", "..", "../x"])

@@ -202,7 +202,7 @@ def restore_tuner(space: Space, data: Dataset, exp_dir: Path, retry_failed: bool
 
 
 def run_final(space: Space, config: dict[str, Any], data: Dataset, cache_dir: Path,
-              data_fingerprint: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+              data_fp: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Re-train ``config`` once per ``space.final_seeds`` (Ray tasks, in parallel as resources
     allow); each run's test split is evaluated once, at its best validation epoch.
 
@@ -219,8 +219,8 @@ def run_final(space: Space, config: dict[str, Any], data: Dataset, cache_dir: Pa
         path = cache_dir / f"seed_{seed}.json"
         if path.is_file():
             cached = jsonio.loads(path.read_text())
-            if cached.get("config") == cfg and data_fingerprint is not None:
-                check_same_data(cached.get("data_fingerprint"), data_fingerprint, str(path))
+            if cached.get("config") == cfg and data_fp is not None:
+                check_same_data(cached.get("data_fingerprint"), data_fp, str(path))
             if cached.get("config") == cfg:
                 done[seed] = cached["result"]
                 continue
@@ -229,7 +229,7 @@ def run_final(space: Space, config: dict[str, Any], data: Dataset, cache_dir: Pa
     for seed, (ref, cfg) in pending.items():
         result = ray.get(ref)
         (cache_dir / f"seed_{seed}.json").write_text(jsonio.dumps(
-            {"config": cfg, "data_fingerprint": data_fingerprint, "result": result}, indent=1))
+            {"config": cfg, "data_fingerprint": data_fp, "result": result}, indent=1))
         done[seed] = result
         outcome = result.get("error") or f"test/recall@20 {result.get('test/recall@20', float('nan')):.4f}"
         print(f"final seed {seed}: {outcome}", flush=True)

@@ -268,7 +268,7 @@ def main(argv: list[str] | None = None, callbacks=()) -> int:
                         params=params, config=config, val=val)
             if space.final_seeds:
                 print(f"final: re-training trial {top['trial_id']} with seeds {list(space.final_seeds)}", flush=True)
-                finals = run_final(space, config, data, exp_dir / "final", data_fingerprint=data_fp)
+                finals = run_final(space, config, data, exp_dir / "final", data_fp=data_fp)
             best["final"] = res.final_table(finals)
         ledger = res.cost_ledger(trials, space, wall_search, time.time() - t1, finals)
         md = res.write_outputs(exp_dir, space, trials, curves, best, ledger)

@@ -1,0 +1,105 @@
+"""analysis/sensitivity.py part 2: one-at-a-time sweeps trained through tune.runner.run_fits.
+
+A built search folder on tiny synthetic data (120 users x 80 items), 2 hyperparameters x
+3 values x 2 seeds of 2 epochs, in a private local Ray with 2 CPUs; about a minute.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pandas as pd
+import pytest
+import ray
+
+from analysis import sensitivity
+from analysis.sweep import grid
+from fake_search import PARAMS, importance_search
+from tune.runner import init_ray
+
+METRICS = ["val/recall@20", "val/ndcg@20", "test/recall@20", "test/ndcg@20"]
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    started, temp_dir = init_ray(num_cpus=2)
+    yield
+    if started:
+        ray.shutdown()
+        if temp_dir:
+            shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _run(capsys, *argv):
+    rc = sensitivity.run_main(sensitivity.main, list(argv), prog="sensitivity.py")
+    cap = capsys.readouterr()
+    return rc, cap.out, cap.err
+
+
+@pytest.fixture(scope="module")
+def swept(ray_local, tmp_path_factory):
+    root = tmp_path_factory.mktemp("sweep")
+    folder = importance_search(root / "search", n=12)
+    spec = root / "sweep.yaml"
+    spec.write_text("sweep:\n  cl_weight: {n: 2}\n  dropout: {values: [0.0, 0.5]}\nseeds: 2\nepochs: 2\n"
+                    "budget: {cpus_per_run: 1, max_concurrent: 2}\n")
+    argv = ["--study", str(folder), "--sweep", str(spec), "--out", str(root / "out"), "--no-png"]
+    rc = sensitivity.run_main(sensitivity.main, argv, prog="sensitivity.py")
+    return {"rc": rc, "folder": folder, "argv": argv, "out": root / "out"}
+
+
+def test_sweeps_csv_has_one_row_per_value_and_seed(swept):
+    assert swept["rc"] == 0
+    best = json.loads((swept["folder"] / "best.json").read_text())
+    table = pd.read_csv(swept["out"] / "sweeps.csv")
+    assert {"hyperparameter", "value", "seed", "run_key", "status", "best_epoch", "epochs_run", *METRICS} <= set(table)
+    assert len(table) == 2 * 3 * 2 and (table["status"] == "ok").all()
+    cl = sorted(table.loc[table["hyperparameter"] == "cl_weight", "value"].unique())
+    assert cl == pytest.approx(sorted(grid(PARAMS["cl_weight"], best["params"]["cl_weight"], 2)))
+    assert best["params"]["cl_weight"] in cl and 1e-3 in cl and 1.0 in cl  # both bounds and the best value
+    dr = sorted(table.loc[table["hyperparameter"] == "dropout", "value"].unique())
+    assert dr == pytest.approx(sorted([0.0, 0.5, best["params"]["dropout"]]))
+    assert sorted(table["seed"].unique()) == [1, 2]
+    # the best configuration at a seed is one run shared by both panels: 5 distinct runs per seed
+    assert table["run_key"].nunique() == 10
+    shared = table[table["is_best"]].groupby("seed")["run_key"].nunique()
+    assert (shared == 1).all()
+    assert table[METRICS].notna().all().all()
+
+
+def test_each_run_is_the_best_config_with_one_value_changed_at_full_budget(swept):
+    best = json.loads((swept["folder"] / "best.json").read_text())
+    table = pd.read_csv(swept["out"] / "sweeps.csv")
+    for row in table.itertuples():
+        rec = json.loads((swept["out"] / "sweeps" / "runs" / f"{row.run_key}.json").read_text())
+        cfg = rec["config"]
+        assert cfg["epochs"] == 2 and cfg["seed"] == row.seed and cfg["patience"] == best["config"]["patience"]
+        assert cfg[row.hyperparameter] == pytest.approx(row.value)
+        for k in PARAMS:
+            if k != row.hyperparameter:
+                assert cfg[k] == pytest.approx(best["params"][k])
+        assert rec["result"]["epochs_run"] == 2  # patience 0: no early stop; no scheduler either
+
+
+def test_report_has_a_sweep_panel_per_swept_hyperparameter(swept):
+    html = (swept["out"] / "report.html").read_text()
+    assert 'id="fig-sweep_cl_weight"' in html and 'id="fig-sweep_dropout"' in html
+    assert 'id="fig-sweep_n_layers"' not in html
+    assert "seeds [1, 2]" in html and "10 distinct runs (0 failed" in html
+
+
+def test_existing_runs_need_resume_and_are_never_rerun(swept, capsys):
+    before = (swept["out"] / "sweeps.csv").read_text()
+    rc, _, err = _run(capsys, *swept["argv"])
+    assert rc == 2 and "--resume" in err and len(err.strip().splitlines()) == 1
+    assert (swept["out"] / "sweeps.csv").read_text() == before  # nothing overwritten
+    rc, out, err = _run(capsys, *swept["argv"], "--resume", "--seeds", "3")
+    assert rc == 0, err
+    table = pd.read_csv(swept["out"] / "sweeps.csv")
+    assert len(table) == 2 * 3 * 3
+    assert table.loc[table["seed"] < 3, "cached"].all()          # finished runs reused
+    assert not table.loc[table["seed"] == 3, "cached"].any()      # only the new seed trained
+    assert out.count("run ") == 5                                 # 5 new distinct runs, one line each
+    old = pd.read_csv(pd.io.common.StringIO(before))
+    merged = table.merge(old, on=["hyperparameter", "value", "seed"], suffixes=("", "_old"))
+    assert (merged["test/recall@20"] == merged["test/recall@20_old"]).all()
