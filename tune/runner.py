@@ -42,7 +42,7 @@ from tune.fits import FitJob, config_hash, data_fingerprint, job_key, print_prog
 from tune.searcher import DIVERGED_KEY, FINISHED_KEY, REASON_KEY, PruneAwareOptunaSearch, ResumableLimiter
 from tune.space import Space
 from tune.state import mark_failed_trials, trial_dirname_of, tune_trial_ids
-from tune.tempdirs import DRIVER_PID_FILE, TEMP_PREFIX, TEMP_ROOT, clean_stale_temp_roots
+from tune.tempdirs import DRIVER_PID_FILE, ROOT_ENV, TEMP_PREFIX, TEMP_ROOT, clean_stale_temp_roots
 from tune.trainable import CRASH_ENV, FAULT_ENV, run_final_seed, train_mmssl
 
 REPO = Path(__file__).resolve().parents[1]
@@ -94,6 +94,7 @@ def init_ray(num_cpus: int | None = None, address: str | None = None) -> tuple[b
     clean_stale_temp_roots()
     temp_dir = tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=TEMP_ROOT)
     Path(temp_dir, DRIVER_PID_FILE).write_text(str(os.getpid()))
+    os.environ[ROOT_ENV] = temp_dir  # inherited by every Ray process: a later run finds a killed run's stragglers
     ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, _temp_dir=temp_dir,
              log_to_driver=False, configure_logging=True, logging_level="warning")
     return True, temp_dir

@@ -16,6 +16,9 @@ from pathlib import Path
 TEMP_PREFIX = "mmssl-ray-"
 TEMP_ROOT = "/tmp"
 DRIVER_PID_FILE = "driver.pid"
+# set by tune.runner.init_ray to the temp root before Ray starts: every Ray process of that
+# run inherits it, including workers whose command line Ray rewrites (``ray::IDLE``)
+ROOT_ENV = "MMSSL_RAY_ROOT"
 
 
 def clean_stale_temp_roots(root: str = TEMP_ROOT) -> list[str]:
@@ -25,7 +28,8 @@ def clean_stale_temp_roots(root: str = TEMP_ROOT) -> list[str]:
     (they share its fate) but its temp root stays, and a straggler process may still
     hold it. A root is stale when its ``driver.pid`` names no live process (a root
     without the file is left alone: an older run or another tool). Processes whose
-    command line names a stale root are sent SIGKILL by PID, then the root is deleted.
+    command line names a stale root, or whose environment has ``MMSSL_RAY_ROOT`` set to
+    it (Ray workers, which rename themselves), are sent SIGKILL by PID, then the root is deleted.
     Linux (``/proc``); elsewhere only the folders are removed. Returns the removed roots.
     """
     removed = []
@@ -60,13 +64,15 @@ def _alive(pid: int) -> bool:
 
 
 def _pids_mentioning(text: str) -> list[int]:
-    """PIDs of this user's processes whose command line contains ``text`` (Linux /proc)."""
-    found = []
+    """PIDs of this user's processes whose command line contains ``text`` or whose environment
+    has ``MMSSL_RAY_ROOT=text`` (Linux /proc)."""
+    found, marker = [], f"{ROOT_ENV}={text}".encode()
     for entry in Path("/proc").glob("[0-9]*"):
         try:
             if entry.stat().st_uid != os.getuid():
                 continue
-            if text in (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+            if (text in (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                    or marker in (entry / "environ").read_bytes().split(b"\0")):
                 found.append(int(entry.name))
         except (OSError, ValueError):
             continue
