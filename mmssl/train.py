@@ -43,6 +43,12 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def _writable(x: np.ndarray) -> np.ndarray:
+    """``x``, copied only when read-only (e.g. zero-copy from Ray's object store), which torch
+    would otherwise warn about on every run."""
+    return x if x.flags.writeable else x.copy()
+
+
 class Run:
     """Everything one training run holds: model, discriminator, optimizers, sampler, progress."""
 
@@ -51,7 +57,7 @@ class Run:
         self.cfg, self.data, self.device = cfg, data, device
         torch.manual_seed(cfg.seed)
         a_u, a_i = observed_operators(data.train, device)
-        feats = {m: torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(device)
+        feats = {m: torch.from_numpy(_writable(np.ascontiguousarray(x, dtype=np.float32))).to(device)
                  for m, x in data.features.items()}
         self.model = MMSSL(data.n_users, data.n_items, feats, a_u, a_i, cfg).to(device)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr)
