@@ -24,3 +24,13 @@ def tiny():
 def small_cfg():
     return Config(embed_dim=16, n_heads=4, batch_size=32, epochs=2, patience=0, topk_rate=0.05,
                   device="cpu", seed=7)
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """A private local Ray for one test module: ``tune.runner.ray_session`` (2 CPUs, a short
+    temp dir of its own, no dashboard; shut down and removed after the module)."""
+    from tune.runner import ray_session
+
+    with ray_session(num_cpus=2):
+        yield

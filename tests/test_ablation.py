@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
-import ray
 import yaml
 from scipy import stats
 from statsmodels.stats.multitest import multipletests
@@ -23,7 +21,6 @@ from statsmodels.stats.multitest import multipletests
 import tune.fits
 from analysis import ablation
 from mmssl.cli import run_main
-from tune.runner import init_ray
 
 REPO = Path(__file__).resolve().parents[1]
 BASE_SET = {"embed_dim": 16, "n_heads": 4, "batch_size": 64, "topk_rate": 0.05, "adversarial": False,
@@ -41,16 +38,6 @@ METRICS = [f"test/{m}@{k}" for k in (10, 20, 50) for m in ("recall", "precision"
 def _write(path: Path, spec: dict) -> Path:
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     return path
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    started, temp_dir = init_ray(num_cpus=2)
-    yield
-    if started:
-        ray.shutdown()
-        if temp_dir:
-            shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

@@ -5,24 +5,12 @@ Tiny synthetic runs (2 epochs) in a private local Ray with 2 CPUs; about 30-60 s
 from __future__ import annotations
 
 import json
-import shutil
 
 import numpy as np
 import pytest
-import ray
 
 from mmssl.config import Config
-from tune.runner import FitJob, config_hash, data_fingerprint, init_ray, job_key, run_fits
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    started, temp_dir = init_ray(num_cpus=2)
-    yield
-    if started:
-        ray.shutdown()
-        if temp_dir:
-            shutil.rmtree(temp_dir, ignore_errors=True)
+from tune.runner import FitJob, config_hash, data_fingerprint, job_key, run_fits
 
 
 @pytest.fixture(scope="module")

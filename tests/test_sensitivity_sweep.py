@@ -6,28 +6,15 @@ A built search folder on tiny synthetic data (120 users x 80 items), 2 hyperpara
 from __future__ import annotations
 
 import json
-import shutil
 
 import pandas as pd
 import pytest
-import ray
 
 from analysis import sensitivity
 from analysis.sweep import grid
 from fake_search import PARAMS, importance_search
-from tune.runner import init_ray
 
 METRICS = ["val/recall@20", "val/ndcg@20", "test/recall@20", "test/ndcg@20"]
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    started, temp_dir = init_ray(num_cpus=2)
-    yield
-    if started:
-        ray.shutdown()
-        if temp_dir:
-            shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def _run(capsys, *argv):
