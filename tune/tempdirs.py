@@ -28,8 +28,10 @@ def clean_stale_temp_roots(root: str = TEMP_ROOT) -> list[str]:
     (they share its fate) but its temp root stays, and a straggler process may still
     hold it. A root is stale when its ``driver.pid`` names no live process (a root
     without the file is left alone: an older run or another tool). Processes whose
-    command line names a stale root, or whose environment has ``MMSSL_RAY_ROOT`` set to
-    it (Ray workers, which rename themselves), are sent SIGKILL by PID, then the root is deleted.
+    command line names a stale root, whose environment has ``MMSSL_RAY_ROOT`` set to it
+    (Ray workers, which rename themselves), or which hold a file below it open (Ray's
+    dashboard and runtime-env agents: renamed, with an environment of their own, writing
+    their logs there) are sent SIGKILL by PID, then the root is deleted.
     Linux (``/proc``); elsewhere only the folders are removed. Returns the removed roots.
     """
     removed = []
@@ -64,16 +66,33 @@ def _alive(pid: int) -> bool:
 
 
 def _pids_mentioning(text: str) -> list[int]:
-    """PIDs of this user's processes whose command line contains ``text`` or whose environment
-    has ``MMSSL_RAY_ROOT=text`` (Linux /proc)."""
+    """PIDs of this user's processes whose command line contains ``text``, whose environment
+    has ``MMSSL_RAY_ROOT=text``, or which hold a file below ``text`` open (Linux /proc)."""
     found, marker = [], f"{ROOT_ENV}={text}".encode()
     for entry in Path("/proc").glob("[0-9]*"):
         try:
             if entry.stat().st_uid != os.getuid():
                 continue
             if (text in (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-                    or marker in (entry / "environ").read_bytes().split(b"\0")):
+                    or marker in (entry / "environ").read_bytes().split(b"\0")
+                    or _holds_file_below(entry, text)):
                 found.append(int(entry.name))
         except (OSError, ValueError):
             continue
     return [p for p in found if p != os.getpid()]
+
+
+def _holds_file_below(proc: Path, folder: str) -> bool:
+    """Whether the process ``/proc/PID`` has a file below ``folder`` open."""
+    prefix = folder.rstrip("/") + "/"
+    try:
+        fds = list((proc / "fd").iterdir())
+    except OSError:
+        return False
+    for fd in fds:
+        try:
+            if os.readlink(fd).startswith(prefix):
+                return True
+        except OSError:
+            continue
+    return False
