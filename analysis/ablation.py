@@ -39,7 +39,7 @@ if __name__ == "__main__":  # run as a script: import the repo's packages
 
 from analysis.ablation_config import REFERENCE, AblationSpec, DataSpec, load_spec, spec_fingerprint, \
     spec_from_dict, variants_for  # noqa: E402
-from mmssl.cli import run_main  # noqa: E402
+from mmssl.cli import check_out_dir, run_main  # noqa: E402
 from mmssl.errors import ConfigError  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -83,6 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def resolve(args: argparse.Namespace) -> tuple[AblationSpec, Path]:
     """The validated spec (file + smoke settings + flags) and the ablation folder."""
+    spec, exp = _resolve(args)
+    check_out_dir(exp, "--out/--name" if (args.out or args.name) else "out/name")  # a file there: exit 2 now
+    return spec, exp
+
+
+def _resolve(args: argparse.Namespace) -> tuple[AblationSpec, Path]:
     flags = {"out": args.out, "name": args.name, "seeds": args.seeds, "epochs": args.epochs,
              "gpus_per_run": args.gpus_per_run, "max_concurrent": args.max_concurrent, "sets": list(args.set)}
     if args.resume:
@@ -196,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     exp = exp.resolve()
 
     from analysis import ablation_report as report
-    from tune.runner import ray_session, run_fits
+    from tune.runner import ray_console_to, ray_session, run_fits
 
     unique = [j for *_, j in jobs if j.key not in aliases]
     n_var = {ds.name: len(resolved[ds.name]) for ds in spec.datasets}
@@ -205,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
           flush=True)
     t0 = time.time()
     try:
-        with ray_session(address=args.address):
+        with ray_console_to(exp / "ray.log") as reroute, ray_session(address=args.address):
+            reroute()  # Ray's own console messages go to the log file
             results = run_fits(unique, datas, exp / "runs", cpus_per_run=spec.cpus_per_run,
                                gpus_per_run=spec.gpus_per_run, max_concurrent=spec.max_concurrent)
     except KeyboardInterrupt:

@@ -106,12 +106,9 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
     """The file's top-level mapping; ConfigError (one line) for a missing file, bad YAML or duplicates."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such file") from None
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
+    from mmssl.textfiles import read_text
+
+    text = read_text(path, ConfigError)  # BOM / UTF-16 ok; not text -> one line naming the line and byte
     loader = _UniqueKeyLoader(text)
     loader.name = str(path)
     try:

@@ -41,7 +41,7 @@ if __name__ == "__main__":  # run as a script: import the repository's packages
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mmssl.cli import run_main  # noqa: E402
+from mmssl.cli import check_out_dir, run_main  # noqa: E402
 from mmssl.errors import ConfigError  # noqa: E402
 
 SMOKE_SEEDS, SMOKE_PARAMS, SMOKE_EPOCHS = (1, 2), 2, 3  # and 3 values: both bounds and the best
@@ -83,11 +83,15 @@ def main(argv: list[str] | None = None) -> int:
         raise ConfigError("--cpus-per-run must be > 0 and --gpus-per-run >= 0")
     if not args.study and not args.smoke_test:
         raise ConfigError("--study DIR is required (or --smoke-test)")
+    if args.out:
+        check_out_dir(args.out, "--out")  # a file there: exit 2 now, not after the work
     if args.smoke_test and not args.study:  # one Ray for the search's smoke test and the sweep
-        from tune.runner import ray_session
+        from tune.runner import ray_console_to, ray_session
 
-        with ray_session(address=args.address):
-            args.study = _smoke_search(args.address)
+        searches = Path(args.out) / "search" if args.out else Path("runs/search")  # nothing outside --out
+        with ray_console_to(searches / "ray.log") as reroute, ray_session(address=args.address):
+            reroute()
+            args.study = _smoke_search(args.address, searches)
             return _report(args, t0)
     return _report(args, t0)
 
@@ -190,10 +194,11 @@ def _run_sweeps(args, search, spec, out: Path):
     epochs = spec.epochs or space.max_epochs
     print(f"sweeps: {', '.join(f'{k} ({len(v)} values)' for k, v in spec.grids.items())} x seeds {list(spec.seeds)}"
           f" = {len(rows)} rows, {len(jobs)} distinct runs of {epochs} epochs -> {out / 'sweeps'}", flush=True)
-    from tune.runner import ray_session, run_fits
+    from tune.runner import ray_console_to, ray_session, run_fits
 
     try:
-        with ray_session(address=args.address):
+        with ray_console_to(out / "ray.log") as reroute, ray_session(address=args.address):
+            reroute()  # Ray's own console messages go to the log file
             results = run_fits(jobs, {label: data}, out / "sweeps" / "runs", cpus_per_run=spec.cpus_per_run,
                                gpus_per_run=spec.gpus_per_run, max_concurrent=spec.max_concurrent)
     except KeyboardInterrupt:
@@ -205,11 +210,11 @@ def _run_sweeps(args, search, spec, out: Path):
     return table, info
 
 
-def _smoke_search(address: str | None) -> str:
-    """Run ``tune/search.py --smoke-test`` (no final re-training) and return its folder."""
+def _smoke_search(address: str | None, parent: Path) -> str:
+    """Run ``tune/search.py --smoke-test`` (no final re-training) in ``parent``; its folder."""
     from tune import search as ts
 
-    out, name = "runs/search", time.strftime("smoke-sens-%Y%m%d-%H%M%S")
+    out, name = str(parent), time.strftime("smoke-sens-%Y%m%d-%H%M%S")
     print(f"smoke test: running tune/search.py --smoke-test -> {out}/{name}", flush=True)
     argv = ["--smoke-test", "--out", out, "--name", name, "--final-seeds", "0"]
     rc = ts.main(argv + (["--address", address] if address else []))

@@ -258,3 +258,23 @@ def test_existing_folder_rules(tmp_path):
     assert ablation.check_folder(exp, {"a": 1, "seeds": [1, 2]}) is True
     with pytest.raises(ConfigError, match=r"seeds: \[1, 2\] saved, \[1, 2, 3\] now"):
         ablation.check_folder(exp, {"a": 1, "seeds": [1, 2, 3]})
+
+
+def test_out_that_is_a_file_and_a_config_that_is_not_text_are_one_line_errors(tmp_path, monkeypatch, capsys):
+    def no_ray(*a, **k):
+        raise AssertionError("Ray must not start on bad input")
+
+    import tune.runner
+    monkeypatch.setattr(tune.runner, "ray_session", no_ray)
+    afile = tmp_path / "afile"
+    afile.write_text("hi")
+    binary = tmp_path / "bin.yaml"
+    binary.write_bytes(b"datasets: [synthetic]\n\xff\xfe\x00garbage\n")
+    cases = [(["--smoke-test", "--out", str(afile)], "not a folder"),
+             (["--smoke-test", "--out", str(afile / "sub")], "not a folder"),
+             (["--config", str(binary), "--out", str(tmp_path), "--name", "b"], "bin.yaml")]
+    for argv, expected in cases:
+        rc = run_main(ablation.main, argv, prog="ablation")
+        err = capsys.readouterr().err
+        assert rc == 2 and err.count("\n") == 1 and "Traceback" not in err and expected in err, (argv, err)
+    assert afile.read_text() == "hi" and not (tmp_path / "b").exists()

@@ -105,3 +105,14 @@ def test_keys_and_hashes(tiny, base):
     assert data_fingerprint(tiny) == data_fingerprint(tiny.select_modalities(None))
     assert data_fingerprint(tiny) != data_fingerprint(tiny.select_modalities(tiny.modalities[:1]))
     assert data_fingerprint(tiny) != data_fingerprint(tiny.subset_users(100))
+
+
+def test_a_run_no_node_can_hold_is_refused_before_any_task(ray_local, tiny, base, tmp_path):
+    """A GPU request on a cluster without one would wait forever: one-line ConfigError instead."""
+    from mmssl.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^--gpus-per-run 1: the Ray cluster \(1 node\) has no GPU"):
+        run_fits(_jobs(base, seeds=(1,)), {"tiny": tiny}, tmp_path, cpus_per_run=1, gpus_per_run=1)
+    with pytest.raises(ConfigError, match=r"^--cpus-per-run 64: the largest node"):
+        run_fits(_jobs(base, seeds=(1,)), {"tiny": tiny}, tmp_path, cpus_per_run=64)
+    assert not list(tmp_path.iterdir())  # nothing ran, nothing cached

@@ -209,3 +209,13 @@ def test_search_json_space_round_trips_a_bound_of_zero(tmp_path):
     old = space.to_dict()
     del old["params"]["dropout"]["low"]  # a search.json written before the fix
     assert space_from_dict(old, "search.json").params["dropout"] == PARAMS["dropout"]
+
+
+def test_out_that_is_a_file_is_refused_before_any_work(imp_folder, tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("hi")
+    for argv in (["--study", str(imp_folder), "--out", str(afile)], ["--smoke-test", "--out", str(afile)]):
+        rc, out, err = _run(capsys, *argv)
+        assert rc == 2 and err.count("\n") == 1 and "not a folder" in err and "Traceback" not in err, err
+        assert "smoke test: running" not in out  # refused before the search smoke test starts
+    assert afile.read_text() == "hi"

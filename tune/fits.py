@@ -112,6 +112,7 @@ def run_fits(jobs: Sequence[FitJob | tuple], datasets: dict[str, Dataset], cache
     Raises:
         ValueError: duplicated keys, a dataset name missing from ``datasets``, or a bad
             ``max_concurrent``/resource value.
+        ConfigError: no node of the cluster can hold one run's CPUs/GPUs (Ray would wait forever).
         RuntimeError: jobs have to run but Ray is not initialised (use :func:`ray_session`
             or :func:`init_ray`: there is no second Ray set-up).
         KeyboardInterrupt: re-raised after cancelling the tasks in flight (finished runs
@@ -149,6 +150,9 @@ def run_fits(jobs: Sequence[FitJob | tuple], datasets: dict[str, Dataset], cache
         return [results[k] for k in keys]
     if not ray.is_initialized():
         raise RuntimeError("run_fits: Ray is not initialised; call it inside tune.runner.ray_session()")
+    from tune.runner import check_resources  # here: tune.runner re-exports this module
+
+    check_resources(cpus_per_run, gpus_per_run, unit="run")  # Ray would otherwise wait forever
 
     task = ray.remote(run_fit_job).options(num_cpus=cpus_per_run, num_gpus=gpus_per_run, max_retries=0)
     refs: dict[str, Any] = {}

@@ -100,12 +100,14 @@ def init_ray(num_cpus: int | None = None, address: str | None = None) -> tuple[b
     return True, temp_dir
 
 
-def check_resources(cpus_per_trial: float, gpus_per_trial: float, nodes: list[dict] | None = None) -> None:
+def check_resources(cpus_per_trial: float, gpus_per_trial: float, nodes: list[dict] | None = None,
+                    unit: str = "trial") -> None:
     """Refuse a per-trial request that no single node can hold, before any trial starts.
 
     ``nodes``: Ray's ``ray.nodes()`` (default: the connected cluster's); dead nodes are
     ignored. Ray would otherwise keep such a trial PENDING forever. GPUs count as Ray
     sees them (a node's ``GPU`` resource), so a fake ``num_gpus`` resource counts too.
+    ``unit``: "trial" (the search) or "run" (``run_fits``: ablation, sweeps) names the flags.
 
     Raises:
         ConfigError: GPUs requested and no node has one; ``gpus_per_trial`` above the
@@ -117,12 +119,12 @@ def check_resources(cpus_per_trial: float, gpus_per_trial: float, nodes: list[di
     max_cpu = max((r.get("CPU", 0.0) for r in alive), default=0.0)
     where = f"the Ray cluster ({len(alive)} node{'s' if len(alive) != 1 else ''})"
     if gpus_per_trial > 0 and max_gpu == 0:
-        raise ConfigError(f"--gpus-per-trial {gpus_per_trial:g}: {where} has no GPU; use --gpus-per-trial 0")
+        raise ConfigError(f"--gpus-per-{unit} {gpus_per_trial:g}: {where} has no GPU; use --gpus-per-{unit} 0")
     if gpus_per_trial > max_gpu:
-        raise ConfigError(f"--gpus-per-trial {gpus_per_trial:g}: the largest node of {where} has "
+        raise ConfigError(f"--gpus-per-{unit} {gpus_per_trial:g}: the largest node of {where} has "
                           f"{max_gpu:g} GPU(s); a trial runs on one node")
     if cpus_per_trial > max_cpu:
-        raise ConfigError(f"--cpus-per-trial {cpus_per_trial:g}: the largest node of {where} has "
+        raise ConfigError(f"--cpus-per-{unit} {cpus_per_trial:g}: the largest node of {where} has "
                           f"{max_cpu:g} CPU(s); a trial runs on one node")
 
 
