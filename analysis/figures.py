@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import html
 import math
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -16,11 +17,16 @@ from plotly.subplots import make_subplots
 SIGNIFICANT, NOT_SIGNIFICANT = "#c0392b", "#7f8c8d"
 
 
+def _html(value) -> str:
+    return re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", str(value))
+
+
 def table_figure(table: pd.DataFrame, title: str = "") -> go.Figure:
-    """A plotly table of ``table`` (index = first column, cells shown as their text)."""
+    """A plotly table of ``table`` (index = first column, cells shown as their text; markdown
+    ``**bold**`` becomes plotly's ``<b>bold</b>``)."""
     header = [table.index.name or ""] + [" ".join(map(str, c)) if isinstance(c, tuple) else str(c)
                                          for c in table.columns]
-    cells = [list(map(str, table.index))] + [list(map(str, table[c])) for c in table.columns]
+    cells = [list(map(_html, table.index))] + [list(map(_html, table[c])) for c in table.columns]
     fig = go.Figure(go.Table(header={"values": header, "align": "left", "fill_color": "#eaeef2"},
                              cells={"values": cells, "align": "left"}))
     fig.update_layout(title=title or None, height=70 + 24 * (len(table) + 1), margin={"l": 10, "r": 10, "t": 40, "b": 10})

@@ -28,8 +28,16 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+USAGE = """Train and evaluate one MMSSL model (WWW 2023): model selection on val/recall@20 with
+early stopping (patience), test evaluated once at the selected epoch.
+
+Writes into OUT: config.yaml (resolved), run.json, metrics.jsonl (one line per epoch),
+checkpoint.pt (exact resume state) and result.json (best epoch, val and test metrics).
+Exit status: 0 done, 2 bad input (one line, nothing written), 3 training diverged."""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m mmssl.train", description=__doc__.split("\n\n")[0],
+    p = _Parser(prog="python -m mmssl.train", description=USAGE,
                 formatter_class=argparse.RawDescriptionHelpFormatter,
                 epilog="Config keys and paper symbols: see README.md (e.g. --set lambda2=0.1 == --set cl_weight=0.1).")
     p.add_argument("--data", default=None,

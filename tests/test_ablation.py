@@ -278,3 +278,14 @@ def test_out_that_is_a_file_and_a_config_that_is_not_text_are_one_line_errors(tm
         err = capsys.readouterr().err
         assert rc == 2 and err.count("\n") == 1 and "Traceback" not in err and expected in err, (argv, err)
     assert afile.read_text() == "hi" and not (tmp_path / "b").exists()
+
+
+def test_html_table_shows_the_best_mean_in_bold():
+    """The legend promises bold for the best mean of a column: markdown ** becomes plotly <b>."""
+    import pandas as pd
+
+    from analysis.figures import table_figure
+
+    fig = table_figure(pd.DataFrame({"tiktok Recall@20": ["**0.0610 ± 0.0040**", "0.0594 ± 0.0030"]},
+                                    index=pd.Index(["full", "w/o fusion"], name="variant")))
+    assert list(fig.data[0].cells.values[1]) == ["<b>0.0610 ± 0.0040</b>", "0.0594 ± 0.0030"]
