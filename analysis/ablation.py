@@ -102,6 +102,13 @@ def _resolve(args: argparse.Namespace) -> tuple[AblationSpec, Path]:
         if not saved.is_file():
             raise ConfigError(f"--resume: {saved} not found (give the --out/--name of an existing ablation)")
         d = json.loads(saved.read_text())["spec"]
+        if probe is not None:  # --config with --resume: it must describe the saved ablation
+            given = {k: v for k, v in json.loads(json.dumps(probe.to_dict(), default=str)).items()
+                     if k in ("datasets", "base", "variants", "seeds", "stats_seed", "n_resamples", "sets")}
+            differ = [k for k, v in given.items() if d.get(k) != v]
+            if differ:
+                raise ConfigError(f"--resume continues the saved ablation as it was; {args.config} differs from it "
+                                  f"in {', '.join(differ)} (start a new --name instead)")
         d["datasets"] = [DataSpec(**x) for x in d["datasets"]]
         spec = AblationSpec(**d)
         spec.gpus_per_run = args.gpus_per_run if args.gpus_per_run is not None else spec.gpus_per_run

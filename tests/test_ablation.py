@@ -289,3 +289,12 @@ def test_html_table_shows_the_best_mean_in_bold():
     fig = table_figure(pd.DataFrame({"tiktok Recall@20": ["**0.0610 ± 0.0040**", "0.0594 ± 0.0030"]},
                                     index=pd.Index(["full", "w/o fusion"], name="variant")))
     assert list(fig.data[0].cells.values[1]) == ["<b>0.0610 ± 0.0040</b>", "0.0594 ± 0.0030"]
+
+
+def test_resume_with_a_different_config_file_is_refused(done, tmp_path, capsys):
+    """--resume --config OTHER used to be ignored silently; the saved ablation is what continues."""
+    other = _write(tmp_path / "other.yaml", {**SPEC, "seeds": [7, 8]})
+    rc = run_main(ablation.main, ["--resume", "--config", str(other), "--out", str(done["out"]), "--name", "a"],
+                  prog="ablation")
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "differs from it in seeds" in err, err
