@@ -291,6 +291,18 @@ def test_html_table_shows_the_best_mean_in_bold():
     assert list(fig.data[0].cells.values[1]) == ["<b>0.0610 ± 0.0040</b>", "0.0594 ± 0.0030"]
 
 
+def test_the_written_html_table_has_the_bold_best_mean(done):
+    """ablation.html bolds the same cells as ablation.md (plotly's JSON writes < as \\u003c)."""
+    import re
+
+    bold = re.findall(r"\*\*(.+?)\*\*", (done["dir"] / "ablation.md").read_text())
+    assert bold
+    html = re.sub(r"\\u([0-9a-f]{4})", lambda m: chr(int(m.group(1), 16)),
+                  (done["dir"] / "ablation.html").read_text())
+    for text in bold:
+        assert f"<b>{text}</b>" in html, text
+
+
 def test_resume_with_a_different_config_file_is_refused(done, tmp_path, capsys):
     """--resume --config OTHER used to be ignored silently; the saved ablation is what continues."""
     other = _write(tmp_path / "other.yaml", {**SPEC, "seeds": [7, 8]})

@@ -22,22 +22,13 @@ from ray import tune
 from ray.cluster_utils import Cluster
 
 from mmssl.errors import ConfigError
+from spaces import tiny_space
 from tune import search
 from tune.runner import check_resources, ray_session
 from tune.trainable import NODE_KEY
 
 NUM_SAMPLES, EPOCHS = 4, 6
-SPACE = f"""
-data: "synthetic:200x120"
-fixed: {{epochs: {EPOCHS}, patience: 0, embed_dim: 16, batch_size: 128, eval_chunk: 512}}
-search:
-  cl_weight: {{dist: loguniform, low: 1.0e-3, high: 1.0}}
-  l2_weight: {{dist: loguniform, low: 1.0e-7, high: 1.0e-3}}
-budget: {{num_samples: {NUM_SAMPLES}, max_concurrent: 2, cpus_per_trial: 1, gpus_per_trial: 0, checkpoint_every: 2}}
-asha: {{grace_period: {EPOCHS}, reduction_factor: 2}}
-final: {{seeds: 0}}
-tpe: {{n_startup_trials: 2}}
-"""
+SPACE = tiny_space(data="synthetic:200x120", epochs=EPOCHS, num_samples=NUM_SAMPLES, embed_dim=16)
 _CLUSTER: dict = {}  # the Cluster and its worker nodes; module-level: Tune pickles its callbacks
 
 

@@ -28,21 +28,12 @@ import optuna
 import pandas as pd
 import pytest
 
+from spaces import tiny_space
 from tune.tempdirs import DRIVER_PID_FILE, TEMP_PREFIX, TEMP_ROOT
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_SAMPLES, EPOCHS = 4, 4
-SPACE = f"""
-data: "synthetic:150x100"
-fixed: {{epochs: {EPOCHS}, patience: 0, embed_dim: 8, batch_size: 128, eval_chunk: 512}}
-search:
-  cl_weight: {{dist: loguniform, low: 1.0e-3, high: 1.0}}
-  l2_weight: {{dist: loguniform, low: 1.0e-7, high: 1.0e-3}}
-budget: {{num_samples: {NUM_SAMPLES}, max_concurrent: 2, cpus_per_trial: 1, gpus_per_trial: 0, checkpoint_every: 2}}
-asha: {{grace_period: {EPOCHS}, reduction_factor: 2}}
-final: {{seeds: [1]}}
-tpe: {{n_startup_trials: 2}}
-"""
+SPACE = tiny_space(epochs=EPOCHS, num_samples=NUM_SAMPLES, final_seeds="[1]")
 STATES = {"completed": "COMPLETE", "stopped_early": "PRUNED", "failed": "FAIL"}
 
 

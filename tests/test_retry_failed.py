@@ -18,23 +18,13 @@ import pytest
 import ray
 
 from mmssl.errors import ConfigError
+from spaces import tiny_space
 from tune import search
 from tune.runner import init_ray
 from tune.trainable import CRASH_ENV, FAULT_ENV
 
 NUM_SAMPLES, EPOCHS = 4, 4
-SPACE = f"""
-data: "synthetic:150x100"
-fixed: {{epochs: {EPOCHS}, patience: 0, embed_dim: 8, batch_size: 128, eval_chunk: 512}}
-search:
-  cl_weight: {{dist: loguniform, low: 1.0e-3, high: 1.0}}
-  l2_weight: {{dist: loguniform, low: 1.0e-7, high: 1.0e-3}}
-budget: {{num_samples: {NUM_SAMPLES}, max_concurrent: 2, cpus_per_trial: 1, gpus_per_trial: 0, checkpoint_every: 2,
-          max_failures: 0}}
-asha: {{grace_period: {EPOCHS}, reduction_factor: 2}}
-final: {{seeds: 0}}
-tpe: {{n_startup_trials: 2}}
-"""
+SPACE = tiny_space(epochs=EPOCHS, num_samples=NUM_SAMPLES, max_failures=0)
 
 
 @pytest.fixture(scope="module")
