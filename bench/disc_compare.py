@@ -9,8 +9,8 @@ catalogues of growing |I|, same users); run those, not this module:
 
 Variants, each its own ``mmssl.train.Run`` built from the same seed (same initial weights,
 same batches): ``dense-today`` is the code as it was before issue 6 (its D-step backward
-also computes the unused gradient w.r.t. the interpolated rows, and the rebuild scores
-2048 users per chunk: ``mmssl.graph.REBUILD_CACHE_ELEMENTS`` is lifted for its batches),
+also computes the unused gradient w.r.t. the interpolated rows, and the rebuild calls
+``torch.topk`` on whole [2048, |I|] score blocks: ``generator_graph(select="topk")``),
 ``dense`` the dense path now (``disc_impl: dense``), ``factored`` the default. Before batch b every
 variant's torch RNG is set to the same state, so they draw the same dropout masks, Gumbel
 noise and α: the loss terms must agree (printed as a check). Each round runs the variants
@@ -21,6 +21,7 @@ phase; the dense variant's is shown for contrast.
 from __future__ import annotations
 
 import contextlib
+import functools
 import statistics
 import time
 from collections import defaultdict
@@ -30,6 +31,7 @@ import scipy.sparse as sp
 import torch
 
 import mmssl.graph as graph
+import mmssl.model as model_mod
 from mmssl.data import Dataset
 from mmssl.step import PhaseTimer, train_step
 from mmssl.train import Run
@@ -86,18 +88,19 @@ class PhaseRecorder:
 
 
 @contextlib.contextmanager
-def _old_rebuild_chunks(on: bool):
-    saved = graph.REBUILD_CACHE_ELEMENTS
+def _old_rebuild(on: bool):
+    """Inside: the model rebuilds its graphs as before issue 6 (torch.topk over whole rows, 2048 users per chunk)."""
+    saved = model_mod.generator_graph
     if on:
-        graph.REBUILD_CACHE_ELEMENTS = 1 << 62
+        model_mod.generator_graph = functools.partial(graph.generator_graph, select="topk")
     try:
         yield
     finally:
-        graph.REBUILD_CACHE_ELEMENTS = saved
+        model_mod.generator_graph = saved
 
 
 def _batch(run: Run, timer, d_grads_only: bool, seed: int) -> tuple[float, torch.Tensor]:
-    with _old_rebuild_chunks(not d_grads_only):
+    with _old_rebuild(not d_grads_only):
         return _batch_inner(run, timer, d_grads_only, seed)
 
 

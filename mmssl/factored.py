@@ -121,8 +121,9 @@ def first_layer_rows(blocks: list[FactoredRows], weight_t: torch.Tensor, bias: t
 class _SparseRowsMm(torch.autograd.Function):
     """out [n, h1] = S Wᵀ for S = COO(rows, cols, vals) [n, |I|] (duplicates add), Wᵀ [|I|, h1].
 
-    Forward and the W gradient are CSR products (Sᵀ dOut); the values' gradient is a
-    gather-dot over the nnz entries, computed only when they need it (the G step).
+    Forward and the W gradient are CSR products (Sᵀ dOut); the values' gradient is the
+    sampled product dOut Wᵀ at the nnz entries (:func:`_sampled_rows_dot`), computed only
+    when they need it (the G step).
     """
 
     @staticmethod
@@ -143,11 +144,27 @@ class _SparseRowsMm(torch.autograd.Function):
                     torch.zeros_like(weight_t) if ctx.needs_input_grad[1] else None, None, None, None)
         grad = grad.contiguous()
         if ctx.needs_input_grad[0]:
-            d_vals = (grad.index_select(0, rows) * weight_t.index_select(0, cols)).sum(1)
+            d_vals = _sampled_rows_dot(grad, weight_t, rows, cols, ctx.n)
         if ctx.needs_input_grad[1]:
             st = torch.sparse_coo_tensor(torch.stack([cols, rows]), vals, (weight_t.shape[0], ctx.n)).to_sparse_csr()
             d_w = torch.sparse.mm(st, grad)
         return d_vals, d_w, None, None, None
+
+
+def _sampled_rows_dot(a: torch.Tensor, b: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, n: int) -> torch.Tensor:
+    """[nnz] a[rows[e]] · b[cols[e]] for ``a`` [n, h], ``b`` [|I|, h]: one SDDMM (``torch.sparse.sampled_addmm``).
+
+    Entries keep their order, duplicates included (``rows`` need not ascend: a stable sort
+    puts them in CSR order and back). Same values as ``(a[rows] * b[cols]).sum(1)`` up to the
+    summation order, without its two [nnz, h] gathered copies (~20x faster on TikTok's G step).
+    """
+    order = torch.argsort(rows, stable=True)
+    crow = torch.zeros(n + 1, dtype=torch.int64, device=rows.device)
+    crow[1:] = torch.cumsum(torch.bincount(rows, minlength=n), 0)
+    pattern = torch.sparse_csr_tensor(crow, cols[order], torch.ones(len(rows), dtype=a.dtype, device=a.device),
+                                      (n, b.shape[0]))
+    got = torch.sparse.sampled_addmm(pattern, a, b.T, beta=0.0).values()
+    return torch.empty_like(got).scatter_(0, order, got)
 
 
 def _inv_norm(sq: torch.Tensor) -> torch.Tensor:
@@ -229,31 +246,37 @@ def factored_real_rows(pairs, n: int, h_user_b: torch.Tensor, h_item: torch.Tens
     return FactoredRows(n, n_items, lowrank, rows, cols, vals, _inv_norm(sq), dense)
 
 
-GRAM_BLOCK = 512   # rows of W_1 per block of the symmetric Gram product (only blocks j <= i are computed)
+GRAM_BLOCK = 256   # columns per block of the symmetric products (only blocks j <= i are computed; measured best)
 
 
-def gram(w: torch.Tensor) -> torch.Tensor:
-    """G = W Wᵀ [h, h] from the blocks on and below the diagonal only (G is symmetric)."""
-    h = w.shape[0]
+def symmetric_product(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """xᵀ y [h, h] for x, y [m, h] whose product is KNOWN to be symmetric: only the blocks on and
+    below the diagonal are multiplied (about half the flops of ``x.T @ y``), the rest mirrored."""
+    h = x.shape[1]
     if h <= GRAM_BLOCK:
-        return w @ w.T
-    out = w.new_empty(h, h)
+        return x.T @ y
+    out = x.new_empty(h, h)
     edges = list(range(0, h, GRAM_BLOCK)) + [h]
     for i in range(len(edges) - 1):
-        wi = w[edges[i]:edges[i + 1]]
+        xi = x[:, edges[i]:edges[i + 1]].T
         for j in range(i + 1):
-            blk = wi @ w[edges[j]:edges[j + 1]].T
+            blk = xi @ y[:, edges[j]:edges[j + 1]]
             out[edges[i]:edges[i + 1], edges[j]:edges[j + 1]] = blk
             if j < i:
                 out[edges[j]:edges[j + 1], edges[i]:edges[i + 1]] = blk.T
     return out
 
 
+def gram(w: torch.Tensor) -> torch.Tensor:
+    """G = W Wᵀ [h, h] for W [h, |I|], from the blocks on and below the diagonal only."""
+    return symmetric_product(w.T, w.T)
+
+
 class _GramQuadratic(torch.autograd.Function):
     """q_b = g_b (W Wᵀ) g_bᵀ = ||g_b W||² per row, through the Gram matrix, with a symmetric backward.
 
     Forward: G = W Wᵀ (half the blocks), Y = g G. Backward: dg = 2 dq ⊙ Y (no product),
-    dW = 2 (gᵀ diag(dq) g) W (one |I|/4 x |I|/4 x |I| product).
+    dW = 2 C W with C = gᵀ diag(dq) g (symmetric: half the blocks) and one |I|/4 x |I|/4 x |I| product.
     """
 
     @staticmethod
@@ -266,7 +289,7 @@ class _GramQuadratic(torch.autograd.Function):
     def backward(ctx, dq):
         g, w, y = ctx.saved_tensors
         d_g = 2.0 * dq[:, None] * y if ctx.needs_input_grad[0] else None
-        d_w = 2.0 * (((g * dq[:, None]).T @ g) @ w) if ctx.needs_input_grad[1] else None
+        d_w = 2.0 * (symmetric_product(g * dq[:, None], g) @ w) if ctx.needs_input_grad[1] else None
         return d_g, d_w
 
 

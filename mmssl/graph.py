@@ -116,48 +116,114 @@ class GeneratedGraph(SparseOp):
         self.item_side, self.cols = item_side, cols
 
 
-# CPU: users per rebuild chunk so that the chunk's scores (chunk x |I| float32) stay in cache
-REBUILD_CACHE_ELEMENTS = 1 << 19
+# CPU: users per rebuild chunk so that the chunk's scores (|I| x chunk float32) stay in cache
+REBUILD_CACHE_ELEMENTS = 1 << 20
 
 
 @torch.no_grad()
-def generator_graph(f_u: torch.Tensor, f_i: torch.Tensor, k: int, chunk: int = 2048) -> GeneratedGraph:
+def generator_graph(f_u: torch.Tensor, f_i: torch.Tensor, k: int, chunk: int = 2048,
+                    select: str = "auto") -> GeneratedGraph:
     """Generated modality graph G^m of eq. (3) for EVERY user: top-k items of Â^m[u,:] = cos(f_u^m, f_i^m).
 
-    Chunked over users on the device (never a dense |U| x |I| matrix): scores and top-k
-    are fused per chunk of at most ``chunk`` users; on the CPU a chunk is further capped
-    at ``REBUILD_CACHE_ELEMENTS`` scores so that it stays in cache (measured in
-    bench/README.md). Returns the normalised operators of eq. (4): ``D_u^{-1/2} G``
-    (each user's k items, weights 1/sqrt(k)) and ``D_i^{-1/2} G^T``.
+    ``f_u`` [|U|, d], ``f_i`` [|I|, d], ``k`` <= |I| neighbours per user. Chunked over users (never
+    a dense |U| x |I| matrix). ``select``: ``"topk"`` scores ``chunk`` users at a time and
+    calls ``torch.topk`` on each [chunk, |I|] block (the path before issue 6, kept on CUDA);
+    ``"blocked"`` is :func:`blocked_topk_cols` (exact, CPU default) on chunks capped at
+    ``REBUILD_CACHE_ELEMENTS`` scores so that they stay in cache; ``"auto"`` picks blocked on
+    the CPU, topk elsewhere. Both keep the same k cosine values per user; which of several
+    exactly tied items is kept is unspecified, as with ``torch.topk``. Timings: bench/README.md.
+    Returns the normalised operators of eq. (4) (``D_u^{-1/2} G``: each user's k items,
+    weights 1/sqrt(k); ``D_i^{-1/2} G^T``) with ``cols`` [|U|, k] ascending per user.
+    Raises ValueError for an unknown ``select``.
     """
+    if select not in ("auto", "topk", "blocked"):
+        raise ValueError(f"select must be auto, topk or blocked, not {select!r}")
     n_users, n_items = f_u.shape[0], f_i.shape[0]
     fu, fi = F.normalize(f_u.float(), dim=1), F.normalize(f_i.float(), dim=1)
-    if fu.device.type == "cpu":
+    blocked = select == "blocked" or (select == "auto" and fu.device.type == "cpu")
+    if blocked:
         chunk = max(1, min(chunk, REBUILD_CACHE_ELEMENTS // max(1, n_items)))
-    fi_t = fi.T.contiguous()
-    cols = torch.empty(n_users, k, dtype=torch.int64, device=f_u.device)
+        cols = blocked_topk_cols(fu, fi, k, chunk)
+    else:
+        fi_t = fi.T.contiguous()
+        cols = torch.empty(n_users, k, dtype=torch.int64, device=f_u.device)
+        for s in range(0, n_users, chunk):
+            cols[s:s + chunk] = torch.topk(fu[s:s + chunk] @ fi_t, k, dim=1).indices
+    return modality_id_operators(torch.sort(cols, dim=1).values, n_items, cols_sorted=True)
+
+
+def block_size(n_items: int, k: int) -> int:
+    """Items per block of :func:`blocked_topk_cols`: round(sqrt(|I| / k)) >= 1, which balances its two
+    selections (|I|/b block maxima, then up to k·b candidates). It always leaves at least k
+    blocks: b > 1 needs |I|/k >= 2.25 and then |I|/b >= |I|/(sqrt(|I|/k) + 1/2) >= k
+    (tests/test_rebuild.py checks every |I| <= 400)."""
+    return max(1, round(math.sqrt(n_items / max(1, k))))
+
+
+def blocked_topk_cols(fu: torch.Tensor, fi: torch.Tensor, k: int, chunk: int) -> torch.Tensor:
+    """Exact top-k columns of fu fiᵀ per row, [|U|, k] int64, in any order; ``fu`` [|U|, d], ``fi`` [|I|, d].
+
+    The items are cut into blocks of b (:func:`block_size`). Per user: the block maxima
+    (one vectorised max over the [|I|, chunk] scores), the k blocks with the largest maxima
+    (``torch.topk`` over |I|/b values), and t = the smallest of those k maxima. Every item
+    scoring above t lies in one of these blocks, and they hold at least k items scoring ≥ t,
+    so the k largest scores are the k largest among their items that score ≥ t; those
+    (k to k·b per user) are packed and one ``torch.topk`` picks them. Same k values as one
+    ``torch.topk`` over the whole row (tests/test_equations.py), at a fraction of the
+    comparisons (partial sort of |I| per user; bench/README.md).
+    """
+    n_users, n_items = fu.shape[0], fi.shape[0]
+    b = block_size(n_items, k)
+    if b == 1:
+        fi_t = fi.T.contiguous()
+        return torch.cat([torch.topk(fu[s:s + chunk] @ fi_t, k, dim=1).indices for s in range(0, n_users, chunk)]) \
+            if n_users else torch.empty(0, k, dtype=torch.int64, device=fu.device)
+    nb = -(-n_items // b)
+    fi_pad = torch.zeros(nb * b, fi.shape[1], dtype=fi.dtype, device=fi.device)
+    fi_pad[:n_items] = fi
+    cols = torch.empty(n_users, k, dtype=torch.int64, device=fu.device)
+    arange_kb = torch.arange(k * b, device=fu.device)
     for s in range(0, n_users, chunk):
-        cols[s:s + chunk] = torch.topk(fu[s:s + chunk] @ fi_t, k, dim=1).indices
-    return modality_id_operators(cols, n_items)
+        users = fu[s:s + chunk]
+        c = users.shape[0]
+        scores_t = fi_pad @ users.T                                   # [nb·b, c]: a block is b contiguous rows
+        scores_t[n_items:] = -math.inf
+        blocks = scores_t.view(nb, b, c)
+        top_max, top = torch.topk(blocks.amax(1).T, k, dim=1, sorted=False)          # [c, k] blocks
+        cand = blocks[top, :, torch.arange(c, device=fu.device)[:, None]].reshape(c, k * b)
+        keep = cand >= top_max.amin(1, keepdim=True)                   # score ≥ t: k to k·b per user
+        width = int(keep.sum(1).max())
+        if width < k:                                                  # only with NaN scores
+            cols[s:s + c] = torch.topk(users @ fi.T, k, dim=1).indices
+            continue
+        pos = torch.where(keep, keep.cumsum(1) - 1, width)
+        packed = torch.full((c, width + 1), -math.inf, dtype=cand.dtype, device=fu.device).scatter_(1, pos, cand)
+        where = torch.zeros(c, width + 1, dtype=torch.int64, device=fu.device).scatter_(
+            1, pos, arange_kb.expand(c, -1))
+        j = torch.gather(where, 1, torch.topk(packed[:, :width], k, dim=1, sorted=False).indices)
+        cols[s:s + c] = torch.gather(top, 1, j // b) * b + j % b
+    return cols
 
 
-def modality_id_operators(cols: torch.Tensor, n_items: int) -> GeneratedGraph:
-    """The :class:`GeneratedGraph` of eq. (4) from the k neighbour columns per user (``cols``: U x k)."""
+def modality_id_operators(cols: torch.Tensor, n_items: int, cols_sorted: bool = False) -> GeneratedGraph:
+    """The :class:`GeneratedGraph` of eq. (4) from the k neighbour columns per user (``cols``: [|U|, k] int64).
+
+    ``cols_sorted=True`` promises every row of ``cols`` ascends (skips sorting them).
+    """
     n_users, k = cols.shape
     device = cols.device
-    flat = cols.reshape(-1)
-    rows = torch.arange(n_users, device=device).repeat_interleave(k)
-    crow = torch.arange(0, n_users * k + 1, k, device=device)
-    sorted_cols, _ = torch.sort(cols, dim=1)
+    sorted_cols = cols if cols_sorted else torch.sort(cols, dim=1).values
     sorted_flat = sorted_cols.reshape(-1)
+    crow = torch.arange(0, n_users * k + 1, k, device=device)
     ones = torch.full((n_users * k,), 1.0 / math.sqrt(k), device=device)
     g_u = torch.sparse_csr_tensor(crow, sorted_flat, ones, size=(n_users, n_items))
-    # item side: transpose, normalised by item in-degree
-    inv_sqrt_deg_i = torch.bincount(flat, minlength=n_items).float().clamp(min=1).rsqrt()
-    order = torch.argsort(flat * n_users + rows)
-    t_rows, t_cols = flat[order], rows[order]
+    # item side: transpose (a stable sort by item keeps the users ascending), normalised by item in-degree
+    counts = torch.bincount(sorted_flat, minlength=n_items)
+    inv_sqrt_deg_i = counts.float().clamp(min=1).rsqrt()
+    t_rows, order = torch.sort(sorted_flat, stable=True)
+    t_cols = torch.div(order, k, rounding_mode="floor")
     t_crow = torch.zeros(n_items + 1, dtype=torch.int64, device=device)
-    t_crow[1:] = torch.cumsum(torch.bincount(t_rows, minlength=n_items), 0)
+    t_crow[1:] = torch.cumsum(counts, 0)
     g_i = torch.sparse_csr_tensor(t_crow, t_cols, inv_sqrt_deg_i[t_rows], size=(n_items, n_users))
     # transposes for the backward passes
     g_u_t = torch.sparse_csr_tensor(t_crow, t_cols, ones, size=(n_items, n_users))

@@ -153,6 +153,24 @@ def test_real_rows_sparse_at_small_tau_dense_at_large_tau():
     assert large.dense is not None
 
 
+def test_sampled_rows_dot_any_row_order_and_duplicates():
+    """The G step's SDDMM: entries in any order (real rows are not row-sorted), duplicates kept."""
+    g = torch.Generator().manual_seed(4)
+    a, b = torch.randn(6, 5, generator=g, dtype=torch.float64), torch.randn(9, 5, generator=g, dtype=torch.float64)
+    rows = torch.tensor([3, 0, 5, 3, 0, 1, 3, 5])
+    cols = torch.tensor([2, 8, 0, 2, 1, 4, 7, 0])
+    got = fac._sampled_rows_dot(a, b, rows, cols, 6)
+    assert rel(got, (a[rows] * b[cols]).sum(1)) < TOL
+
+
+def test_symmetric_product_blocks(monkeypatch):
+    monkeypatch.setattr(fac, "GRAM_BLOCK", 3)
+    x = torch.randn(7, 8, dtype=torch.float64)
+    d = torch.randn(7, 1, dtype=torch.float64)
+    assert rel(fac.symmetric_product(x * d, x), (x * d).T @ x) < TOL
+    assert rel(fac.gram(x.T), x.T @ x) < TOL
+
+
 def test_a_wrong_factorisation_is_caught():
     """The comparison can fail: dropping the observed-item correction of the fake rows is detected."""
     p = random_problem(seed=4)
