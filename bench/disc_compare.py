@@ -9,8 +9,8 @@ catalogues of growing |I|, same users); run those, not this module:
 
 Variants, each its own ``mmssl.train.Run`` built from the same seed (same initial weights,
 same batches): ``dense-today`` is the code as it was before issue 6 (its D-step backward
-also computes the unused gradient w.r.t. the interpolated rows, and the rebuild calls
-``torch.topk`` on whole [2048, |I|] score blocks: ``generator_graph(select="topk")``),
+also computes the unused gradient w.r.t. the interpolated rows, and the graphs are rebuilt
+by :func:`generator_graph_before`, the rebuild code of that time, verbatim),
 ``dense`` the dense path now (``disc_impl: dense``), ``factored`` the default. Before batch b every
 variant's torch RNG is set to the same state, so they draw the same dropout masks, Gumbel
 noise and α: the loss terms must agree (printed as a check). Each round runs the variants
@@ -21,7 +21,7 @@ phase; the dense variant's is shown for contrast.
 from __future__ import annotations
 
 import contextlib
-import functools
+import math
 import statistics
 import time
 from collections import defaultdict
@@ -29,6 +29,7 @@ from collections import defaultdict
 import numpy as np
 import scipy.sparse as sp
 import torch
+import torch.nn.functional as F
 
 import mmssl.graph as graph
 import mmssl.model as model_mod
@@ -87,12 +88,42 @@ class PhaseRecorder:
             self.rise[name] = max(self.rise[name], self.mem.peak() - start)
 
 
+@torch.no_grad()
+def generator_graph_before(f_u, f_i, k: int, chunk: int = 2048) -> graph.GeneratedGraph:
+    """``mmssl.graph.generator_graph`` and ``modality_id_operators`` as they were before issue 6
+    (commit e73a31a), verbatim: torch.topk over whole [chunk, |I|] score blocks, a composite-key
+    argsort for the item side. The ``dense-today`` baseline rebuilds its graphs with it."""
+    n_users, n_items = f_u.shape[0], f_i.shape[0]
+    fu, fi = F.normalize(f_u.float(), dim=1), F.normalize(f_i.float(), dim=1)
+    cols = torch.empty(n_users, k, dtype=torch.int64, device=f_u.device)
+    for s in range(0, n_users, chunk):
+        cols[s:s + chunk] = torch.topk(fu[s:s + chunk] @ fi.T, k, dim=1).indices
+    n_users, k = cols.shape
+    device = cols.device
+    flat = cols.reshape(-1)
+    rows = torch.arange(n_users, device=device).repeat_interleave(k)
+    crow = torch.arange(0, n_users * k + 1, k, device=device)
+    sorted_cols, _ = torch.sort(cols, dim=1)
+    sorted_flat = sorted_cols.reshape(-1)
+    ones = torch.full((n_users * k,), 1.0 / math.sqrt(k), device=device)
+    g_u = torch.sparse_csr_tensor(crow, sorted_flat, ones, size=(n_users, n_items))
+    inv_sqrt_deg_i = torch.bincount(flat, minlength=n_items).float().clamp(min=1).rsqrt()
+    order = torch.argsort(flat * n_users + rows)
+    t_rows, t_cols = flat[order], rows[order]
+    t_crow = torch.zeros(n_items + 1, dtype=torch.int64, device=device)
+    t_crow[1:] = torch.cumsum(torch.bincount(t_rows, minlength=n_items), 0)
+    g_i = torch.sparse_csr_tensor(t_crow, t_cols, inv_sqrt_deg_i[t_rows], size=(n_items, n_users))
+    g_u_t = torch.sparse_csr_tensor(t_crow, t_cols, ones, size=(n_items, n_users))
+    g_i_t = torch.sparse_csr_tensor(crow, sorted_flat, inv_sqrt_deg_i[sorted_flat], size=(n_users, n_items))
+    return graph.GeneratedGraph(graph.SparseOp(g_u, g_u_t), graph.SparseOp(g_i, g_i_t), cols)
+
+
 @contextlib.contextmanager
 def _old_rebuild(on: bool):
-    """Inside: the model rebuilds its graphs as before issue 6 (torch.topk over whole rows, 2048 users per chunk)."""
+    """Inside: the model rebuilds its graphs with :func:`generator_graph_before`."""
     saved = model_mod.generator_graph
     if on:
-        model_mod.generator_graph = functools.partial(graph.generator_graph, select="topk")
+        model_mod.generator_graph = generator_graph_before
     try:
         yield
     finally:
@@ -160,14 +191,17 @@ def compare(name: str, data: Dataset, cfg, device, mem, batches: int, variants=t
                 rise[v][ph] = max(rise[v][ph], t.rise[ph])
             times[v]["total"].append(wall)
             terms[v].append(tr)
-    ref = torch.stack(terms[order[0]])
+    base = "dense" if "dense" in runs else order[0]            # same rebuild as factored: only D differs
+    ref = torch.stack(terms[base])
     diffs = {v: float(((torch.stack(terms[v]) - ref).abs() / ref.abs().clamp_min(1e-12)).max()) for v in runs}
-    first = {v: float(((terms[v][0] - terms[order[0]][0]).abs() / terms[order[0]][0].abs().clamp_min(1e-12)).max())
+    first = {v: float(((terms[v][0] - terms[base][0]).abs() / terms[base][0].abs().clamp_min(1e-12)).max())
              for v in runs}
-    print(f"    loss terms vs {order[0]}, max relative difference: first timed batch "
+    print(f"    loss terms vs {base}, max relative difference: first timed batch "
           + ", ".join(f"{v} {d:.1e}" for v, d in first.items()) + f"; over all {batches} batches "
           + ", ".join(f"{v} {d:.1e}" for v, d in diffs.items())
-          + " (float32; the runs drift apart by rounding once their weights are updated)")
+          + " (float32; the runs drift apart by rounding once their weights are updated"
+          + ("; dense-today's rebuild also breaks exact ties between items differently)" if "dense-today" in runs
+             else ")"))
     print(f"    s/batch over {batches} interleaved batches: median [min, max]")
     phases = [ph for ph in ("forward", "rebuild", "d_step", "g_step", "total") if ph in times[order[0]]]
     head = "".join(f"{v:>27}" for v in runs)

@@ -149,7 +149,7 @@ def generator_graph(f_u: torch.Tensor, f_i: torch.Tensor, k: int, chunk: int = 2
         cols = torch.empty(n_users, k, dtype=torch.int64, device=f_u.device)
         for s in range(0, n_users, chunk):
             cols[s:s + chunk] = torch.topk(fu[s:s + chunk] @ fi_t, k, dim=1).indices
-    return modality_id_operators(torch.sort(cols, dim=1).values, n_items, cols_sorted=True)
+    return modality_id_operators(cols, n_items)
 
 
 def block_size(n_items: int, k: int) -> int:
@@ -160,15 +160,29 @@ def block_size(n_items: int, k: int) -> int:
     return max(1, round(math.sqrt(n_items / max(1, k))))
 
 
+def largest_k(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Column indices [n, k] of the k largest entries of each row of ``x`` [n, m], in no particular order.
+
+    CPU: ``numpy.argpartition`` (introselect; measured 4-7x faster than ``torch.topk`` for
+    these shapes, bench/README.md); other devices: ``torch.topk(sorted=False)``. Which of
+    exactly tied entries is returned is unspecified.
+    """
+    m = x.shape[1]
+    if x.device.type == "cpu" and k < m:
+        part = np.argpartition(x.contiguous().numpy(), m - k, axis=1)[:, m - k:]
+        return torch.from_numpy(np.ascontiguousarray(part))
+    return torch.topk(x, k, dim=1, sorted=False).indices
+
+
 def blocked_topk_cols(fu: torch.Tensor, fi: torch.Tensor, k: int, chunk: int) -> torch.Tensor:
     """Exact top-k columns of fu fiᵀ per row, [|U|, k] int64, in any order; ``fu`` [|U|, d], ``fi`` [|I|, d].
 
     The items are cut into blocks of b (:func:`block_size`). Per user: the block maxima
     (one vectorised max over the [|I|, chunk] scores), the k blocks with the largest maxima
-    (``torch.topk`` over |I|/b values), and t = the smallest of those k maxima. Every item
+    (:func:`largest_k` over |I|/b values), and t = the smallest of those k maxima. Every item
     scoring above t lies in one of these blocks, and they hold at least k items scoring ≥ t,
     so the k largest scores are the k largest among their items that score ≥ t; those
-    (k to k·b per user) are packed and one ``torch.topk`` picks them. Same k values as one
+    (k to k·b per user) are packed and :func:`largest_k` picks them. Same k values as one
     ``torch.topk`` over the whole row (tests/test_equations.py), at a fraction of the
     comparisons (partial sort of |I| per user; bench/README.md).
     """
@@ -189,9 +203,11 @@ def blocked_topk_cols(fu: torch.Tensor, fi: torch.Tensor, k: int, chunk: int) ->
         scores_t = fi_pad @ users.T                                   # [nb·b, c]: a block is b contiguous rows
         scores_t[n_items:] = -math.inf
         blocks = scores_t.view(nb, b, c)
-        top_max, top = torch.topk(blocks.amax(1).T, k, dim=1, sorted=False)          # [c, k] blocks
+        block_max = blocks.amax(1).T.contiguous()                      # [c, nb]
+        top = largest_k(block_max, k)                                  # [c, k] blocks
+        t = torch.gather(block_max, 1, top).amin(1, keepdim=True)      # the k-th largest block maximum
         cand = blocks[top, :, torch.arange(c, device=fu.device)[:, None]].reshape(c, k * b)
-        keep = cand >= top_max.amin(1, keepdim=True)                   # score ≥ t: k to k·b per user
+        keep = cand >= t                                               # score ≥ t: k to k·b per user
         width = int(keep.sum(1).max())
         if width < k:                                                  # only with NaN scores
             cols[s:s + c] = torch.topk(users @ fi.T, k, dim=1).indices
@@ -200,32 +216,55 @@ def blocked_topk_cols(fu: torch.Tensor, fi: torch.Tensor, k: int, chunk: int) ->
         packed = torch.full((c, width + 1), -math.inf, dtype=cand.dtype, device=fu.device).scatter_(1, pos, cand)
         where = torch.zeros(c, width + 1, dtype=torch.int64, device=fu.device).scatter_(
             1, pos, arange_kb.expand(c, -1))
-        j = torch.gather(where, 1, torch.topk(packed[:, :width], k, dim=1, sorted=False).indices)
+        j = torch.gather(where, 1, largest_k(packed[:, :width], k))
         cols[s:s + c] = torch.gather(top, 1, j // b) * b + j % b
     return cols
 
 
-def modality_id_operators(cols: torch.Tensor, n_items: int, cols_sorted: bool = False) -> GeneratedGraph:
+def sorted_pattern(cols: torch.Tensor, n_items: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Both sides of the pattern of ``cols`` [|U|, k] (distinct items per row): ``(user_cols, item_crow, item_users)``.
+
+    ``user_cols`` [|U|·k]: each user's items ascending (row-major); ``item_crow`` [|I|+1] and
+    ``item_users`` [|U|·k]: the item-major CSR, users ascending. CPU: scipy's two CSR/CSC
+    conversions (counting sorts, O(|U|·k)); other devices: two stable torch sorts.
+    """
+    n_users, k = cols.shape
+    if cols.device.type != "cpu":
+        return _sorted_pattern_torch(cols, n_items)
+    m = sp.csr_matrix((np.ones(n_users * k, dtype=np.float32), cols.reshape(-1).numpy(),
+                       np.arange(0, n_users * k + 1, k)), shape=(n_users, n_items))
+    by_item = m.tocsc()
+    by_user = by_item.tocsr()
+    return tuple(torch.from_numpy(a.astype(np.int64)) for a in (by_user.indices, by_item.indptr, by_item.indices))
+
+
+def _sorted_pattern_torch(cols: torch.Tensor, n_items: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`sorted_pattern` with two stable torch sorts (any device)."""
+    k = cols.shape[1]
+    items, order = torch.sort(cols.reshape(-1), stable=True)           # item-major, users ascending
+    users = torch.div(order, k, rounding_mode="floor")
+    crow = torch.zeros(n_items + 1, dtype=torch.int64, device=cols.device)
+    crow[1:] = torch.cumsum(torch.bincount(items, minlength=n_items), 0)
+    return items[torch.sort(users, stable=True).indices], crow, users
+
+
+def modality_id_operators(cols: torch.Tensor, n_items: int) -> GeneratedGraph:
     """The :class:`GeneratedGraph` of eq. (4) from the k neighbour columns per user (``cols``: [|U|, k] int64).
 
-    ``cols_sorted=True`` promises every row of ``cols`` ascends (skips sorting them).
+    The graph keeps ``cols`` ascending per user (see :func:`sorted_pattern`).
     """
     n_users, k = cols.shape
     device = cols.device
-    sorted_cols = cols if cols_sorted else torch.sort(cols, dim=1).values
-    sorted_flat = sorted_cols.reshape(-1)
+    sorted_flat, t_crow, t_cols = sorted_pattern(cols, n_items)
+    counts = t_crow[1:] - t_crow[:-1]
+    t_rows = torch.repeat_interleave(torch.arange(n_items, device=device), counts)
     crow = torch.arange(0, n_users * k + 1, k, device=device)
     ones = torch.full((n_users * k,), 1.0 / math.sqrt(k), device=device)
     g_u = torch.sparse_csr_tensor(crow, sorted_flat, ones, size=(n_users, n_items))
-    # item side: transpose (a stable sort by item keeps the users ascending), normalised by item in-degree
-    counts = torch.bincount(sorted_flat, minlength=n_items)
+    # item side: normalised by item in-degree
     inv_sqrt_deg_i = counts.float().clamp(min=1).rsqrt()
-    t_rows, order = torch.sort(sorted_flat, stable=True)
-    t_cols = torch.div(order, k, rounding_mode="floor")
-    t_crow = torch.zeros(n_items + 1, dtype=torch.int64, device=device)
-    t_crow[1:] = torch.cumsum(counts, 0)
     g_i = torch.sparse_csr_tensor(t_crow, t_cols, inv_sqrt_deg_i[t_rows], size=(n_items, n_users))
     # transposes for the backward passes
     g_u_t = torch.sparse_csr_tensor(t_crow, t_cols, ones, size=(n_items, n_users))
     g_i_t = torch.sparse_csr_tensor(crow, sorted_flat, inv_sqrt_deg_i[sorted_flat], size=(n_users, n_items))
-    return GeneratedGraph(SparseOp(g_u, g_u_t), SparseOp(g_i, g_i_t), cols)
+    return GeneratedGraph(SparseOp(g_u, g_u_t), SparseOp(g_i, g_i_t), sorted_flat.view(n_users, k))

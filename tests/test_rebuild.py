@@ -11,7 +11,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mmssl.graph import block_size, blocked_topk_cols, generator_graph, modality_id_operators
+import mmssl.graph as graph
+
+from mmssl.graph import (
+    block_size,
+    blocked_topk_cols,
+    generator_graph,
+    modality_id_operators,
+)
 
 torch.set_num_threads(1)
 
@@ -68,18 +75,46 @@ def test_block_size_always_leaves_k_blocks():
 
 
 def test_blocked_path_does_not_fall_back_to_whole_rows(monkeypatch):
-    """On finite scores no torch.topk call sees a whole row of |I| scores (the NaN fallback does)."""
+    """On finite scores no selection sees a whole row of |I| scores (the NaN fallback does)."""
     widths = []
-    real = torch.topk
+    real_topk, real_largest = torch.topk, graph.largest_k
 
-    def spy(x, *a, **kw):
-        widths.append(x.shape[-1])
-        return real(x, *a, **kw)
+    def spy_topk(x, *a, **kw):
+        widths.append(("topk", x.shape[-1]))
+        return real_topk(x, *a, **kw)
 
-    monkeypatch.setattr(torch, "topk", spy)
+    def spy_largest(x, k):
+        widths.append(("largest_k", x.shape[-1]))
+        return real_largest(x, k)
+
+    monkeypatch.setattr(torch, "topk", spy_topk)
+    monkeypatch.setattr(graph, "largest_k", spy_largest)
     fu, fi = F.normalize(torch.randn(100, 8), dim=1), F.normalize(torch.randn(900, 8), dim=1)
     blocked_topk_cols(fu, fi, 9, 32)
-    assert widths and max(widths) < 900 // 3, widths
+    assert widths and max(w for _, w in widths) < 900 // 3, widths
+    assert {name for name, _ in widths} == {"largest_k"}
+
+
+def test_largest_k_equals_torch_topk():
+    x = torch.randn(30, 50)
+    got = graph.largest_k(x, 7)
+    assert torch.equal(torch.sort(got, 1).values, torch.sort(torch.topk(x, 7, dim=1).indices, 1).values)
+    assert torch.equal(torch.sort(graph.largest_k(x.T.contiguous().T, 7), 1).values, torch.sort(got, 1).values)
+    assert torch.equal(torch.sort(graph.largest_k(x, 50), 1).values, torch.arange(50).expand(30, -1))
+
+
+def test_sorted_pattern_cpu_and_torch_routes_agree():
+    g = torch.Generator().manual_seed(2)
+    cols = torch.stack([torch.randperm(40, generator=g)[:6] for _ in range(25)])
+    cpu = graph.sorted_pattern(cols, 40)
+    other = graph._sorted_pattern_torch(cols, 40)                 # the route of non-CPU devices
+    assert all(torch.equal(a, b) for a, b in zip(cpu, other))
+    items, order = torch.sort(cols.reshape(-1), stable=True)
+    users = order // 6
+    assert torch.equal(cpu[0], torch.sort(cols, 1).values.reshape(-1))
+    assert torch.equal(cpu[2], users)
+    assert torch.equal(cpu[1], torch.cat([torch.zeros(1, dtype=torch.long),
+                                          torch.cumsum(torch.bincount(items, minlength=40), 0)]))
 
 
 def test_all_negative_scores_never_pick_the_padding():
@@ -134,11 +169,14 @@ def test_generator_graph_select_paths_agree_and_rows_ascend():
 def test_operators_from_unsorted_and_sorted_columns_are_the_same():
     cols = torch.tensor([[4, 0, 2], [1, 2, 0], [3, 4, 2], [0, 1, 2]])
     a = modality_id_operators(cols, 6)
-    b = modality_id_operators(torch.sort(cols, 1).values, 6, cols_sorted=True)
+    b = modality_id_operators(torch.sort(cols, 1).values, 6)
+    assert torch.equal(a.cols, torch.sort(cols, 1).values) and torch.equal(b.cols, a.cols)
     for x, y in ((a, b), (a.item_side, b.item_side)):
         assert torch.equal(x.mat.to_dense(), y.mat.to_dense())
         assert torch.equal(x.mat_t.to_dense(), y.mat_t.to_dense())
         assert torch.equal(x.mat.to_dense().T, x.mat_t.to_dense())
+    assert torch.equal(a.mat.col_indices(), torch.sort(cols, 1).values.reshape(-1))   # CSR: ascending per row
+    assert torch.equal(a.item_side.mat.col_indices(), torch.tensor([0, 1, 3, 1, 3, 0, 1, 2, 3, 2, 0, 2]))
     # item 2 has 4 users, item 5 none: D_i^{-1/2} G^T
     assert torch.allclose(a.item_side.mat.to_dense()[2], torch.full((4,), 0.5))
     assert float(a.item_side.mat.to_dense()[5].abs().sum()) == 0.0

@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+import mmssl.graph
 import mmssl.metrics
 import mmssl.train
 from mmssl.graph import generator_graph, topk_count
@@ -122,10 +123,17 @@ def test_row7_rebuild_and_evaluation_are_chunked_over_users(tiny, small_cfg, mon
         rows_seen.append(scores.shape[0])
         return real_cand(scores, *a, **k)
 
+    real_largest = mmssl.graph.largest_k
+
+    def largest_spy(x, k):                 # the CPU rebuild's selections (blocked top-k)
+        rows_seen.append(x.shape[0])
+        return real_largest(x, k)
+
     fu, fi = torch.randn(50, 8), torch.randn(30, 8)
     whole = generator_graph(fu, fi, 3, chunk=1000).cols
     monkeypatch.setattr(torch, "topk", topk_spy)
     monkeypatch.setattr(mmssl.metrics, "_candidates", cand_spy)
+    monkeypatch.setattr(mmssl.graph, "largest_k", largest_spy)
     assert torch.equal(generator_graph(fu, fi, 3, chunk=16).cols, whole)
     assert rows_seen and max(rows_seen) <= 16
     cfg = small_cfg.replace(eval_chunk=16)
