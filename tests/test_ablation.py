@@ -7,9 +7,12 @@ part is off) must be flagged. About 1-2 minutes.
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -137,7 +140,9 @@ def test_rerun_skips_and_a_different_config_is_refused(done, monkeypatch, capsys
     assert (done["dir"] / "spec.json").read_text() == spec_before and calls == []
 
 
-def test_resume_after_interruption(ray_local, tmp_path, monkeypatch):
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
+def test_resume_after_interruption(how, ray_local, tmp_path, monkeypatch):
+    """Ctrl-C, or SIGTERM (a scheduler's stop; tune.runner.sigterm_as_interrupt), after two runs."""
     spec = dict(SPEC, variants={"full": {}, "ID-only": {"modalities": []}},
                 resources={"cpus_per_run": 1, "max_concurrent": 1})
     cfg = _write(tmp_path / "r.yaml", spec)
@@ -146,7 +151,11 @@ def test_resume_after_interruption(ray_local, tmp_path, monkeypatch):
     def interrupt_after_two(result, *a):
         calls.append(result["key"])
         if len(calls) == 2:
-            raise KeyboardInterrupt
+            if how == "ctrl-c":
+                raise KeyboardInterrupt
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)                    # the handler raises KeyboardInterrupt here
+            pytest.fail("SIGTERM did not interrupt the ablation")
 
     monkeypatch.setattr(tune.fits, "print_progress", interrupt_after_two)
     assert ablation.main(["--config", str(cfg), "--out", str(tmp_path), "--name", "r"]) == 130

@@ -1,4 +1,4 @@
-"""A search driver interrupted (SIGINT) or killed (SIGKILL), then ``--resume``: nothing lost.
+"""A search driver interrupted (SIGINT), stopped (SIGTERM) or killed (SIGKILL), then ``--resume``: nothing lost.
 
 The real ``tune/search.py`` runs in a subprocess on tiny synthetic data (4 trials of
 4 epochs, 2 at a time, checkpoints every 2 epochs, 1 final seed). When the third trial
@@ -9,7 +9,8 @@ starts (the first has ended), the driver gets the signal. After ``--resume``:
 * the final seed ran once (its line printed once over both runs);
 * the progress line after the resume counts the trials that had already ended;
 * no Ray process of the killed driver survives, and its temp root is removed by the
-  next run (SIGKILL) or by itself (SIGINT).
+  next run (SIGKILL) or by itself (SIGINT; SIGTERM, which acts as Ctrl-C: a batch
+  scheduler's stop must not cost more than Ctrl-C does).
 
 Then: the same ``--out/--name`` without ``--resume`` is refused (exit 2, one line; nothing
 overwritten). About 1.5-2 min per signal on 2 busy cores.
@@ -115,7 +116,10 @@ def _interrupt(cmd: list[str], log: Path, sig: int, timeout: float = 240) -> dic
     return {"rc": rc, "pid": proc.pid, "tree": tree, "roots": roots, "log": log.read_text()}
 
 
-@pytest.fixture(scope="module", params=["SIGINT", "SIGKILL"])
+GRACEFUL = ("SIGINT", "SIGTERM")
+
+
+@pytest.fixture(scope="module", params=["SIGINT", "SIGTERM", "SIGKILL"])
 def interrupted(request, tmp_path_factory):
     sig = getattr(signal, request.param)
     out = tmp_path_factory.mktemp(request.param.lower())
@@ -135,7 +139,7 @@ def interrupted(request, tmp_path_factory):
 
 def test_the_driver_ended_and_left_no_ray_process(interrupted):
     first = interrupted["first"]
-    if interrupted["signal"] == "SIGINT":
+    if interrupted["signal"] in GRACEFUL:
         assert first["rc"] == 130, first["log"][-3000:]
         assert "continue with: python tune/search.py --resume" in first["log"]
         assert not first["roots"] or not any(r.exists() for r in first["roots"])  # removed on the way out
@@ -171,7 +175,7 @@ def test_resume_finishes_with_exactly_num_samples_trials(interrupted):
 def test_progress_after_resume_counts_trials_already_ended(interrupted):
     out = interrupted["resumed"].stdout
     ended = int(re.search(r"resume: (\d+)/%d trials already ended" % NUM_SAMPLES, out).group(1))
-    if interrupted["signal"] == "SIGINT":  # Tune saves its state on the way out (SIGKILL: its last snapshot)
+    if interrupted["signal"] in GRACEFUL:  # Tune saves its state on the way out (SIGKILL: its last snapshot)
         assert ended >= 1
     counts = [int(n) for n in re.findall(r"\[(\d+)/%d done" % NUM_SAMPLES, out)]
     assert counts and counts[0] == ended + 1 and counts[-1] == NUM_SAMPLES, out[-3000:]

@@ -54,17 +54,44 @@ STUDY_NAME = "mmssl"
 def ray_session(num_cpus: int | None = None, address: str | None = None) -> Iterator[None]:
     """Ray for the duration of the block: reuse a running one, else start (and later stop) our own.
 
-    The private temp dir is removed on exit, error and Ctrl-C; after a SIGKILL the next
-    :func:`init_ray` removes it (and any process still holding it).
+    The private temp dir is removed on exit, error, Ctrl-C and SIGTERM (which acts as
+    Ctrl-C inside: :func:`sigterm_as_interrupt`); after a SIGKILL the next :func:`init_ray`
+    removes it (and any process still holding it).
     """
     started, temp_dir = init_ray(num_cpus=num_cpus, address=address)
     try:
-        yield
+        with sigterm_as_interrupt():
+            yield
     finally:
         if started:
             ray.shutdown()
             if temp_dir:
                 shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Inside the block, SIGTERM (``kill PID``, a batch scheduler's stop) acts as Ctrl-C.
+
+    ``ray.init`` makes SIGTERM a bare ``sys.exit`` of the driver, which kills the runs in
+    flight and dumps Ray's state without saying how to continue. Here SIGTERM raises SIGINT
+    in this process instead: Tune saves the experiment and returns (its own SIGINT handler),
+    :func:`run_fits` cancels its tasks, and the commands print how to ``--resume``. The
+    previous handler comes back on exit. Only in the main thread (Python's rule for signal
+    handlers); elsewhere a no-op. Source: Python ``signal`` docs (``signal.raise_signal``).
+    """
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, lambda signum, frame: signal.raise_signal(signal.SIGINT))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def cluster_address(address: str | None = None) -> str | None:
