@@ -110,7 +110,7 @@ def _interrupt(cmd: list[str], log: Path, sig: int, timeout: float = 240) -> dic
     roots = _temp_roots_of(proc.pid)
     os.kill(proc.pid, sig)
     rc = proc.wait(timeout=120)
-    deadline = time.time() + 30
+    deadline = time.time() + 90          # Ray's processes notice a dead driver within seconds; slower on busy cores
     while time.time() < deadline and any(_running(p, t) for p, t in tree.items()):
         time.sleep(0.5)
     return {"rc": rc, "pid": proc.pid, "tree": tree, "roots": roots, "log": log.read_text()}
