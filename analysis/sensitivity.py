@@ -18,11 +18,15 @@ best configuration over a grid (default 5 values spanning its range, log-spaced 
 log distributions, plus the best value) with several seeds (default 3): full budget,
 no scheduler (fit's patience stays), validation selection, test evaluated once. The
 runs are Ray tasks launched by ``tune.runner.run_fits`` (``--address``,
-``--gpus-per-run``); finished runs are cached and never re-run (``--resume``).
+``--gpus-per-run``); finished runs are cached and never re-run (``--resume``). A
+``--resume`` with a changed sweep file says what changed (``sweeps/sweep.json`` keeps
+the last one); a run without ``--sweep`` into a folder that holds ``sweeps.csv`` says
+that it is not in the new report.
 
 Outputs in ``--out`` (default ``STUDY/sensitivity/``): ``report.html`` (plotly.js
 embedded, opens offline), ``importance.csv``, ``boundary.csv``, ``sweeps.csv`` (one
-row per hyperparameter, value and seed), ``figures/*.png`` (kaleido, when a
+row per hyperparameter, value and seed), ``sweeps/`` (cached runs, ``sweep.json``),
+``figures/*.png`` (kaleido, when a
 Chrome/Chromium is installed; otherwise a one-line notice). Bad input (a folder that
 is not a finished search, a sweep key that was not searched, bad YAML) is one line on
 stderr and exit status 2, before anything is written.
@@ -31,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import sys
 import time
@@ -45,6 +50,7 @@ from mmssl.cli import check_out_dir, run_main  # noqa: E402
 from mmssl.errors import ConfigError  # noqa: E402
 
 SMOKE_SEEDS, SMOKE_PARAMS, SMOKE_EPOCHS = (1, 2), 2, 3  # and 3 values: both bounds and the best
+SWEEP_FILE = "sweep.json"  # in OUT/sweeps: the grids, seeds and epochs last run
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -124,6 +130,9 @@ def _report(args, t0: float) -> int:
     sweeps = info = None
     if spec is not None:
         sweeps, info = _run_sweeps(args, search, spec, out)
+    elif (out / "sweeps.csv").is_file():
+        print(f"warning: {out / 'sweeps.csv'} is from an earlier --sweep run and is not in this report; "
+              "add --sweep FILE --resume to include it (its finished runs are reused)", file=sys.stderr, flush=True)
     report = rep.build(search, imp, boundary, warns, sweeps, info)
     out.mkdir(parents=True, exist_ok=True)
     imp.table.to_csv(out / "importance.csv", index=False)
@@ -194,6 +203,7 @@ def _run_sweeps(args, search, spec, out: Path):
     epochs = spec.epochs or space.max_epochs
     print(f"sweeps: {', '.join(f'{k} ({len(v)} values)' for k, v in spec.grids.items())} x seeds {list(spec.seeds)}"
           f" = {len(rows)} rows, {len(jobs)} distinct runs of {epochs} epochs -> {out / 'sweeps'}", flush=True)
+    _note_changed_sweep(out / "sweeps" / SWEEP_FILE, spec, epochs)
     from tune.runner import ray_console_to, ray_session, run_fits
 
     try:
@@ -208,6 +218,30 @@ def _run_sweeps(args, search, spec, out: Path):
     table = sw.table(rows, results)
     info = {"seeds": spec.seeds, "epochs": epochs, "grids": spec.grids}
     return table, info
+
+
+def _note_changed_sweep(path: Path, spec, epochs: int) -> None:
+    """Keep the sweep's grids, seeds and epochs in ``path``; say which differ from the saved ones.
+
+    A sweep continued with ``--resume`` from a changed file reuses the finished runs that
+    still belong to it and runs the new ones; this names the change (one line on stderr),
+    so that it is not silent. Raises nothing (an unreadable old file counts as no file).
+    """
+    now = json.loads(json.dumps({"grids": {k: list(v) for k, v in spec.grids.items()}, "seeds": list(spec.seeds),
+                                 "epochs": epochs}, default=float))
+    try:
+        before = json.loads(path.read_text())
+    except (OSError, ValueError):
+        before = None
+    if isinstance(before, dict) and before != now:
+        changed = [k for k in ("grids", "seeds", "epochs") if before.get(k) != now[k]]
+        keys = sorted(set(before.get("grids") or {}) ^ set(now["grids"])
+                      | {k for k in now["grids"] if (before.get("grids") or {}).get(k) not in (None, now["grids"][k])})
+        print(f"warning: this sweep differs from the one run before in {path.parent} ("
+              + ", ".join(changed) + (f": {', '.join(keys)}" if keys else "")
+              + "); finished runs that still belong to it are reused, the others run now", file=sys.stderr, flush=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(now, indent=1))
 
 
 def _smoke_search(address: str | None, parent: Path) -> str:

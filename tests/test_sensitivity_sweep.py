@@ -80,8 +80,12 @@ def test_existing_runs_need_resume_and_are_never_rerun(swept, capsys):
     rc, _, err = _run(capsys, *swept["argv"])
     assert rc == 2 and "--resume" in err and len(err.strip().splitlines()) == 1
     assert (swept["out"] / "sweeps.csv").read_text() == before  # nothing overwritten
+    assert json.loads((swept["out"] / "sweeps" / "sweep.json").read_text())["seeds"] == [1, 2]
     rc, out, err = _run(capsys, *swept["argv"], "--resume", "--seeds", "3")
     assert rc == 0, err
+    changed = [line for line in err.splitlines() if "differs from the one run before" in line]
+    assert len(changed) == 1 and "(seeds)" in changed[0], err            # a changed sweep is not silent
+    assert json.loads((swept["out"] / "sweeps" / "sweep.json").read_text())["seeds"] == [1, 2, 3]
     table = pd.read_csv(swept["out"] / "sweeps.csv")
     assert len(table) == 2 * 3 * 3
     assert table.loc[table["seed"] < 3, "cached"].all()          # finished runs reused
@@ -90,3 +94,17 @@ def test_existing_runs_need_resume_and_are_never_rerun(swept, capsys):
     old = pd.read_csv(pd.io.common.StringIO(before))
     merged = table.merge(old, on=["hyperparameter", "value", "seed"], suffixes=("", "_old"))
     assert (merged["test/recall@20"] == merged["test/recall@20_old"]).all()
+
+
+def test_resume_with_the_same_sweep_says_nothing_about_a_change(swept, capsys):
+    rc, _, err = _run(capsys, *swept["argv"], "--resume", "--seeds", "3")
+    assert rc == 0 and "differs" not in err, err
+
+
+def test_part_1_alone_into_a_swept_folder_says_the_sweeps_are_not_in_the_report(swept, capsys):
+    before = (swept["out"] / "sweeps.csv").read_text()
+    argv = [a for a in swept["argv"] if a not in ("--sweep",) and not a.endswith("sweep.yaml")]
+    rc, _, err = _run(capsys, *argv)
+    assert rc == 0, err
+    assert "sweeps.csv is from an earlier --sweep run and is not in this report" in err
+    assert (swept["out"] / "sweeps.csv").read_text() == before            # kept, not lost
