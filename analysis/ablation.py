@@ -37,7 +37,7 @@ if __name__ == "__main__":  # run as a script: import the repo's packages
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from analysis.ablation_config import REFERENCE, AblationSpec, DataSpec, load_spec, spec_fingerprint, \
+from analysis.ablation_config import REFERENCE, AblationSpec, DataSpec, load_spec, read_yaml, spec_fingerprint, \
     spec_from_dict, variants_for  # noqa: E402
 from mmssl.cli import check_out_dir, run_main  # noqa: E402
 from mmssl.errors import ConfigError  # noqa: E402
@@ -119,8 +119,14 @@ def _resolve(args: argparse.Namespace) -> tuple[AblationSpec, Path]:
         spec = spec_from_dict(SMOKE, "--smoke-test", {k: v for k, v in flags.items() if v is not None})
     elif args.config:
         spec = load_spec(args.config, flags)
+        if not read_yaml(args.config):
+            print(f"warning: {args.config} is empty: every default is used ({', '.join(d.name for d in spec.datasets)}, "
+                  f"the default variants, {len(spec.seeds)} seeds)", file=sys.stderr)
     else:
         raise ConfigError("--config FILE is required (or --smoke-test, or --resume)")
+    if len(spec.seeds) == 1:
+        print("warning: 1 seed: the seed-level paired t-test needs at least 2 and is left out, and the per-user "
+              "test does not see seed-to-seed variation; use 3 or more seeds for a table to publish", file=sys.stderr)
     return spec, Path(spec.out) / spec.name
 
 
@@ -205,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     existing = check_folder(exp, fingerprint)
     exp.mkdir(parents=True, exist_ok=True)
     if not existing:
-        (exp / SPEC_FILE).write_text(json.dumps({"spec": spec.to_dict(), "fingerprint": fingerprint}, indent=1))
+        (exp / SPEC_FILE).write_text(json.dumps({"spec": spec.to_dict(), "fingerprint": fingerprint,
+                                                 "command": _command(argv)}, indent=1))
     exp = exp.resolve()
 
     from analysis import ablation_report as report
@@ -229,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     by_key = {r["key"]: r for r in results}
     rows = [(ds, var, seed, by_key[aliases.get(job.key, job.key)]) for ds, var, seed, job in jobs]
     wall = time.time() - t0
-    md = report.write_all(exp, spec, rows, command=_command(argv), wall_s=wall)
+    md = report.write_all(exp, spec, rows, command=_report_command(exp, argv), wall_s=wall)
     print("\n" + md, flush=True)
     failed = sum(r["status"] != "ok" for *_, r in rows)
     if failed:
@@ -241,6 +248,16 @@ def main(argv: list[str] | None = None) -> int:
 def _command(argv: list[str] | None) -> str:
     args = sys.argv[1:] if argv is None else argv
     return " ".join(["python analysis/ablation.py", *args])
+
+
+def _report_command(exp: Path, argv: list[str] | None) -> str:
+    """The command that defined the ablation (saved in spec.json), and the one that finished it if other."""
+    try:
+        first = json.loads((exp / SPEC_FILE).read_text()).get("command")
+    except (OSError, ValueError):
+        first = None
+    now = _command(argv)
+    return now if not first or first == now else f"{first}  # continued with: {now}"
 
 
 if __name__ == "__main__":

@@ -169,6 +169,26 @@ def test_resume_after_interruption(how, ray_local, tmp_path, monkeypatch):
     runs = pd.read_csv(tmp_path / "r" / "runs.csv")
     assert len(runs) == 6 and not runs.duplicated(["dataset", "variant", "seed"]).any()
     assert set(runs["run_key"]) == set(first) | set(calls)
+    # the report names the command that defined the ablation, and the one that finished it
+    md = (tmp_path / "r" / "ablation.md").read_text()
+    assert f"python analysis/ablation.py --config {cfg} --out {tmp_path} --name r  # continued with: " \
+           f"python analysis/ablation.py --resume --out {tmp_path} --name r" in md
+
+
+def test_an_empty_file_and_a_single_seed_are_warned_about(tmp_path, capsys):
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("# nothing yet\n")
+    ablation.resolve(ablation.build_parser().parse_args(["--config", str(empty), "--out", str(tmp_path)]))
+    err = capsys.readouterr().err
+    assert f"warning: {empty} is empty: every default is used (synthetic, the default variants, 5 seeds)" in err
+    assert "1 seed" not in err
+    one = _write(tmp_path / "one.yaml", dict(SPEC, seeds=1))
+    ablation.resolve(ablation.build_parser().parse_args(["--config", str(one), "--out", str(tmp_path)]))
+    err = capsys.readouterr().err
+    assert err.count("warning:") == 1 and "warning: 1 seed: the seed-level paired t-test" in err
+    ablation.resolve(ablation.build_parser().parse_args(["--config", str(one), "--out", str(tmp_path),
+                                                         "--seeds", "2"]))
+    assert capsys.readouterr().err == ""
 
 
 BAD = {
