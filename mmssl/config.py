@@ -95,7 +95,13 @@ class Config:
             if key in out:
                 raise ConfigError(f"{where}: '{key}' given twice (once as an alias)")
             out[key] = _coerce(key, types[key], value, where)
-        return cls(**out)
+        try:
+            return cls(**out)
+        except ConfigError as e:  # a rule across keys (e.g. n_heads | embed_dim): name the source too
+            msg = str(e)
+            if where != "config" and msg.startswith("config: "):
+                msg = f"{where}: {msg[len('config: '):]}"
+            raise ConfigError(msg) from None
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike | None = None, overrides: Iterable[str] = ()) -> "Config":

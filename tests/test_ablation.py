@@ -203,6 +203,8 @@ BAD = {
     "missing data dir": ({"datasets": ["/no/such/dir"]}, "no such data directory"),
     "bad seeds": ({"seeds": [1, 1]}, "seeds must be distinct"),
     "bad base key": ({"base": {"set": {"lr": -1}}}, "'lr' must be > 0"),
+    "rule across keys in a variant": ({"variants": {"full": {}, "odd heads": {"n_heads": 3}}},
+                                      "bad.yaml: variants.odd heads: 'n_heads' must divide embed_dim=64"),
     "unknown modality": ({"variants": {"full": {}, "only x": {"modalities": ["smell"]}}}, "modality 'smell'"),
     "bad yaml": ("variants: [full\n", "bad YAML"),
 }
