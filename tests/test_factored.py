@@ -163,6 +163,16 @@ def test_sampled_rows_dot_any_row_order_and_duplicates():
     assert rel(got, (a[rows] * b[cols]).sum(1)) < TOL
 
 
+def test_sampled_rows_dot_without_sddmm_falls_back(monkeypatch):
+    def unsupported(*args, **kwargs):
+        raise NotImplementedError("no SDDMM here")
+
+    a, b = torch.randn(6, 5, dtype=torch.float64), torch.randn(9, 5, dtype=torch.float64)
+    rows, cols = torch.tensor([3, 0, 5, 3]), torch.tensor([2, 8, 0, 2])
+    monkeypatch.setattr(torch.sparse, "sampled_addmm", unsupported)
+    assert rel(fac._sampled_rows_dot(a, b, rows, cols, 6), (a[rows] * b[cols]).sum(1)) < TOL
+
+
 def test_symmetric_product_blocks(monkeypatch):
     monkeypatch.setattr(fac, "GRAM_BLOCK", 3)
     x = torch.randn(7, 8, dtype=torch.float64)
