@@ -81,14 +81,14 @@ def _running(pid: int, started: str | None = None) -> bool:
 
 
 def _temp_roots_of(pid: int) -> list[Path]:
-    roots = []
-    for d in Path(TEMP_ROOT).glob(TEMP_PREFIX + "*"):
-        try:
-            if int((d / DRIVER_PID_FILE).read_text()) == pid:
-                roots.append(d)
-        except (OSError, ValueError):
-            pass
-    return roots
+    return [d for d in Path(TEMP_ROOT).glob(TEMP_PREFIX + "*") if _driver_pid(d) == pid]
+
+
+def _driver_pid(root: Path) -> int | None:
+    try:
+        return int((root / DRIVER_PID_FILE).read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def _interrupt(cmd: list[str], log: Path, sig: int, timeout: float = 240) -> dict:
@@ -130,10 +130,12 @@ def interrupted(request, tmp_path_factory):
     first = _interrupt([sys.executable, "tune/search.py", "--space", str(space), "--out", str(out), "--name", "x"],
                        out / "first.log", sig)
     t1 = time.time()
-    resumed = subprocess.run([sys.executable, "tune/search.py", "--resume", "--out", str(out), "--name", "x"],
-                             cwd=REPO, env=_env(), capture_output=True, text=True, timeout=400)
-    return {"signal": request.param, "first": first, "resumed": resumed, "dir": out / "x", "out": out,
-            "roots_before": roots_before,
+    proc = subprocess.Popen([sys.executable, "tune/search.py", "--resume", "--out", str(out), "--name", "x"],
+                            cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stdout, stderr = proc.communicate(timeout=400)
+    resumed = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+    return {"signal": request.param, "first": first, "resumed": resumed, "resumed_pid": proc.pid,
+            "dir": out / "x", "out": out, "roots_before": roots_before,
             "seconds": (t1 - t0, time.time() - t1)}
 
 
@@ -186,9 +188,10 @@ def test_the_next_run_cleans_the_killed_drivers_temp_root(interrupted):
     assert len(roots) == 1
     assert not roots[0].exists()
     # the resumed run removed its own root on exit: no root this test's runs made is left
-    # (roots of other people's runs on a shared machine are not this test's business)
+    # (roots of other people's runs on a shared machine, made meanwhile, are not this test's business)
     made = set(Path(TEMP_ROOT).glob(TEMP_PREFIX + "*")) - interrupted["roots_before"]
-    assert not made
+    ours = {interrupted["first"]["pid"], interrupted["resumed_pid"]}
+    assert not [d for d in made if _driver_pid(d) in ours]
 
 
 def test_existing_experiment_is_refused_and_nothing_is_overwritten(interrupted):

@@ -176,6 +176,22 @@ def test_restore_adopts_a_trial_the_killed_driver_asked_for_but_tune_never_recor
     assert frozen(fresh, "c").state == TrialState.COMPLETE and frozen(fresh, "c").intermediate_values == {1: 0.2, 2: 0.3}
 
 
+def test_restore_adopts_a_trial_killed_inside_optunas_ask(searcher, tmp_path):
+    """SIGKILL between Optuna creating the trial and the searcher linking it: no ray_trial_id,
+    only some parameters. It is still adopted (the rest sampled), not left to end as FAIL."""
+    searcher.suggest("a")
+    searcher.save(str(tmp_path / "searcher.pkl"))
+    half = searcher.study.ask()                                  # what a killed ask leaves behind
+    half.suggest_float("cl_weight", 1e-3, 1.0, log=True)
+    fresh = _restored(tmp_path, tune_trials={"a"})
+    params = fresh.suggest("c")
+    assert set(params) == set(SPACE) and params["cl_weight"] == half.params["cl_weight"]
+    assert 1 <= params["n_layers"] <= 3
+    study = load_study(tmp_path / "study.db", "t")
+    assert len(study.trials) == 2 and {t.user_attrs.get("ray_trial_id") for t in study.trials} == {"a", "c"}
+    assert fresh.suggest("d") is not None and len(load_study(tmp_path / "study.db", "t").trials) == 3
+
+
 def test_restore_links_a_trial_tune_saved_but_the_searcher_pickle_missed(searcher, tmp_path):
     searcher.save(str(tmp_path / "searcher.pkl"))
     searcher.suggest("a")                            # Tune's state has it, the searcher's pickle not

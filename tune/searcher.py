@@ -100,6 +100,9 @@ class PruneAwareOptunaSearch(OptunaSearch):
             self._ot_trials[trial_id] = ot_trial
             ot_trial.set_user_attr("ray_trial_id", trial_id)
             frozen = self._ot_study._storage.get_trial(ot_trial._trial_id)
+            if set(frozen.params) != set(self._space):   # killed half-way through its ask: sample the rest
+                _suggest_missing(ot_trial, self._space, frozen.params)
+                frozen = self._ot_study._storage.get_trial(ot_trial._trial_id)
             self._steps[trial_id] = set(frozen.intermediate_values)
             return unflatten_dict(frozen.params)
         params = super().suggest(trial_id)
@@ -207,7 +210,9 @@ class PruneAwareOptunaSearch(OptunaSearch):
           saves) -> linked back to its Tune trial by its ``ray_trial_id`` attribute;
         * a RUNNING study trial Tune never recorded (asked for, then the driver died)
           -> an orphan: :meth:`suggest` hands it to the next new Tune trial, with its
-          parameters, so that the study keeps one trial per Tune trial.
+          parameters, so that the study keeps one trial per Tune trial. That includes a
+          trial killed inside Optuna's ``ask``: no ``ray_trial_id`` yet, and only some of
+          its parameters (the rest are sampled on adoption).
 
         ``tune_trials``: the trial ids in Tune's restored state (None: unknown, no orphans).
         """
@@ -227,7 +232,30 @@ class PruneAwareOptunaSearch(OptunaSearch):
             else:  # running: continues in its Optuna trial
                 self._ot_trials[tid] = optuna.trial.Trial(self._ot_study, ot_id)
                 self._steps.setdefault(tid, set()).update(ft.intermediate_values)
+        if tune_trials is not None:  # asked for, killed before it was linked to any Tune trial
+            linked = set(known.values())
+            self._orphans += [optuna.trial.Trial(self._ot_study, t._trial_id) for t in frozen.values()
+                              if t.state == optuna.trial.TrialState.RUNNING and t._trial_id not in linked]
         self._orphans.sort(key=lambda t: t.number)
+
+
+def _suggest_missing(trial: optuna.trial.Trial, space: dict[str, Any], have: dict[str, Any]) -> None:
+    """Sample, with the study's sampler, the parameters of ``space`` (name -> Optuna distribution)
+    that ``trial`` lacks (``have``): Optuna's public ``suggest_*`` on the RUNNING trial.
+    Raises TypeError for a distribution type Optuna's suggest API does not cover."""
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    for name, dist in space.items():
+        if name in have:
+            continue
+        if isinstance(dist, FloatDistribution):
+            trial.suggest_float(name, dist.low, dist.high, step=dist.step, log=dist.log)
+        elif isinstance(dist, IntDistribution):
+            trial.suggest_int(name, dist.low, dist.high, step=dist.step, log=dist.log)
+        elif isinstance(dist, CategoricalDistribution):
+            trial.suggest_categorical(name, dist.choices)
+        else:
+            raise TypeError(f"{name}: cannot sample a {type(dist).__name__}")
 
 
 def _finite(value: Any) -> float | None:
