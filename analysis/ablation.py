@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 import time
 import warnings
@@ -246,18 +247,19 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _command(argv: list[str] | None) -> str:
+    """The command line, shell-quoted (``shlex.join``): it can be pasted back into a shell."""
     args = sys.argv[1:] if argv is None else argv
-    return " ".join(["python analysis/ablation.py", *args])
+    return shlex.join(["python", "analysis/ablation.py", *args])
 
 
 def _report_command(exp: Path, argv: list[str] | None) -> str:
-    """The command that defined the ablation (saved in spec.json), and the one that finished it if other."""
+    """The command that defined the ablation (saved in spec.json), and the last one run on it if other."""
     try:
         first = json.loads((exp / SPEC_FILE).read_text()).get("command")
     except (OSError, ValueError):
         first = None
     now = _command(argv)
-    return now if not first or first == now else f"{first}  # continued with: {now}"
+    return now if not first or first == now else f"{first}  # last run with: {now}"
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@
 """
 from __future__ import annotations
 
+import html
 import json
 import math
 from pathlib import Path
@@ -216,7 +217,7 @@ def html_page(path: Path, stats: pd.DataFrame, runs: pd.DataFrame, meta: dict) -
         figures.table_figure(table, "Test metrics, mean ± std over seeds (Δ% vs full, significance)"),
         "<p>" + legend(meta).replace("<", "&lt;") + "</p>",
         "<h2>Difference to full per variant (mean per-user difference, 95% bootstrap CI)</h2>", fig,
-        f"<p>Command: <code>{meta['command']}</code></p>"])
+        f"<p>Command: <code>{html.escape(meta['command'])}</code></p>"])
 
 
 def _clean(x):

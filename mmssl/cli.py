@@ -1,13 +1,16 @@
 """Shared command-line plumbing: one-line errors with fixed exit statuses.
 
 Exit statuses: 0 success, 2 bad input (config, data, CLI), 3 diverged training,
-130 interrupted. No traceback is printed for any of these.
+130 interrupted (Ctrl-C, or SIGTERM, which acts as Ctrl-C: :func:`sigterm_to_interrupt`).
+No traceback is printed for any of these.
 """
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import tempfile
+import threading
 from pathlib import Path
 from typing import Callable
 
@@ -22,6 +25,10 @@ def run_main(main: Callable[[list[str] | None], int | None], argv: list[str] | N
     """Run ``main(argv)`` and map the package's errors to one line on stderr and an exit status."""
     if prog is None:
         prog = sys.argv[0].rsplit("/", 1)[-1] if sys.argv and sys.argv[0] else "mmssl"
+    main_thread = threading.current_thread() is threading.main_thread()
+    before = signal.getsignal(signal.SIGTERM) if main_thread else None
+    if main_thread:
+        signal.signal(signal.SIGTERM, sigterm_to_interrupt)
     try:
         return int(main(argv) or 0)
     except DivergedError as e:
@@ -33,6 +40,26 @@ def run_main(main: Callable[[list[str] | None], int | None], argv: list[str] | N
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, before)
+
+
+def sigterm_to_interrupt(signum, frame) -> None:
+    """SIGTERM handler: do what Ctrl-C does (``kill PID``, a batch scheduler's stop).
+
+    It calls the current SIGINT handler: Python's (KeyboardInterrupt: the commands clean
+    up and say how to continue) or Ray Tune's while a search runs (Tune saves the
+    experiment and returns). When SIGINT is ignored (a job started with ``cmd &`` in a
+    script inherits that), it raises KeyboardInterrupt itself. Installed by
+    :func:`run_main` and again by ``tune.runner.ray_session`` after ``ray.init`` (which
+    sets its own). Source: Python ``signal`` docs.
+    """
+    handler = signal.getsignal(signal.SIGINT)
+    if callable(handler):
+        handler(signal.SIGINT, frame)
+    else:
+        raise KeyboardInterrupt
 
 
 def check_out_dir(path: str | os.PathLike, flag: str = "--out") -> Path:

@@ -140,9 +140,13 @@ def test_rerun_skips_and_a_different_config_is_refused(done, monkeypatch, capsys
     assert (done["dir"] / "spec.json").read_text() == spec_before and calls == []
 
 
-@pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
-def test_resume_after_interruption(how, ray_local, tmp_path, monkeypatch):
-    """Ctrl-C, or SIGTERM (a scheduler's stop; tune.runner.sigterm_as_interrupt), after two runs."""
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm", "sigterm, SIGINT ignored"])
+def test_resume_after_interruption(how, ray_local, tmp_path, monkeypatch, request):
+    """Ctrl-C, or SIGTERM (a scheduler's stop; mmssl.cli.sigterm_to_interrupt), after two runs;
+    also in a job started with SIGINT ignored (``cmd &`` in a script), where SIGTERM must still stop it."""
+    if how.endswith("ignored"):
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        request.addfinalizer(lambda: signal.signal(signal.SIGINT, previous))
     spec = dict(SPEC, variants={"full": {}, "ID-only": {"modalities": []}},
                 resources={"cpus_per_run": 1, "max_concurrent": 1})
     cfg = _write(tmp_path / "r.yaml", spec)
@@ -169,9 +173,9 @@ def test_resume_after_interruption(how, ray_local, tmp_path, monkeypatch):
     runs = pd.read_csv(tmp_path / "r" / "runs.csv")
     assert len(runs) == 6 and not runs.duplicated(["dataset", "variant", "seed"]).any()
     assert set(runs["run_key"]) == set(first) | set(calls)
-    # the report names the command that defined the ablation, and the one that finished it
+    # the report names the command that defined the ablation, and the last one run on it
     md = (tmp_path / "r" / "ablation.md").read_text()
-    assert f"python analysis/ablation.py --config {cfg} --out {tmp_path} --name r  # continued with: " \
+    assert f"python analysis/ablation.py --config {cfg} --out {tmp_path} --name r  # last run with: " \
            f"python analysis/ablation.py --resume --out {tmp_path} --name r" in md
 
 

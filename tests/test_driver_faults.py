@@ -91,10 +91,18 @@ def _driver_pid(root: Path) -> int | None:
         return None
 
 
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _interrupt(cmd: list[str], log: Path, sig: int, timeout: float = 240) -> dict:
-    """Run ``cmd`` until its third trial starts, then send ``sig``; wait for the end of its processes."""
+    """Run ``cmd`` until its third trial starts, then send ``sig``; wait for the end of its processes.
+
+    For SIGTERM the driver starts with SIGINT ignored, as a job started with ``cmd &`` in a
+    script does: SIGTERM must stop it all the same."""
     with open(log, "w") as fh:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=fh, stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=fh, stderr=subprocess.STDOUT, text=True,
+                                preexec_fn=_ignore_sigint if sig == signal.SIGTERM else None)
     t0 = time.time()
     while time.time() - t0 < timeout:
         text = log.read_text()

@@ -149,6 +149,26 @@ def test_resume_of_a_finished_search_adds_nothing(smoke, capsys):
     assert {p.name: p.stat().st_mtime for p in (d / "final").glob("seed_*.json")} == cached  # not re-run
 
 
+def test_interrupt_during_the_final_retraining_says_how_to_resume(smoke, monkeypatch, capsys):
+    """Ctrl-C / SIGTERM while the final seeds train: exit 130 with the --resume line, and Tune's
+    SIGINT handler (left installed by tuner.fit) is gone, so a later Ctrl-C is not swallowed."""
+    import signal
+
+    import tune.runner
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tune.runner, "run_final", interrupted)
+    before = signal.getsignal(signal.SIGINT)
+    rc = search.main(["--resume", "--out", str(smoke["out"]), "--name", "smoke"])
+    err = capsys.readouterr().err
+    assert rc == 130
+    assert "interrupted during the final re-training" in err
+    assert f"continue with: python tune/search.py --resume --out {smoke['out']} --name smoke" in err
+    assert signal.getsignal(signal.SIGINT) is before
+
+
 def test_bad_space_file_is_one_line_exit_2_before_ray(tmp_path):
     bad = tmp_path / "space.yaml"
     bad.write_text("search:\n  cl_weight: {dist: loguniform, low: 0.0, high: 1.0}\n")

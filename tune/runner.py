@@ -55,43 +55,33 @@ def ray_session(num_cpus: int | None = None, address: str | None = None) -> Iter
     """Ray for the duration of the block: reuse a running one, else start (and later stop) our own.
 
     The private temp dir is removed on exit, error, Ctrl-C and SIGTERM (which acts as
-    Ctrl-C inside: :func:`sigterm_as_interrupt`); after a SIGKILL the next :func:`init_ray`
-    removes it (and any process still holding it).
-    """
-    started, temp_dir = init_ray(num_cpus=num_cpus, address=address)
-    try:
-        with sigterm_as_interrupt():
-            yield
-    finally:
-        if started:
-            ray.shutdown()
-            if temp_dir:
-                shutil.rmtree(temp_dir, ignore_errors=True)
-
-
-@contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """Inside the block, SIGTERM (``kill PID``, a batch scheduler's stop) acts as Ctrl-C.
-
-    ``ray.init`` makes SIGTERM a bare ``sys.exit`` of the driver, which kills the runs in
-    flight and dumps Ray's state without saying how to continue. Here SIGTERM raises SIGINT
-    in this process instead: Tune saves the experiment and returns (its own SIGINT handler),
-    :func:`run_fits` cancels its tasks, and the commands print how to ``--resume``. The
-    previous handler comes back on exit. Only in the main thread (Python's rule for signal
-    handlers); elsewhere a no-op. Source: Python ``signal`` docs (``signal.raise_signal``).
+    Ctrl-C inside, also during the shutdown: ``mmssl.cli.sigterm_to_interrupt``; Ray's own
+    handler, a bare ``sys.exit``, is never left in place); after a SIGKILL the next
+    :func:`init_ray` removes it (and any process still holding it).
     """
     import signal
     import threading
 
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.getsignal(signal.SIGTERM)
-    signal.signal(signal.SIGTERM, lambda signum, frame: signal.raise_signal(signal.SIGINT))
+    from mmssl.cli import sigterm_to_interrupt
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    before = signal.getsignal(signal.SIGTERM) if main_thread else None
+    started, temp_dir = init_ray(num_cpus=num_cpus, address=address)
+    if main_thread:  # ray.init made SIGTERM a bare sys.exit of the driver (runs killed, no resume hint)
+        signal.signal(signal.SIGTERM, sigterm_to_interrupt)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        try:
+            if started:
+                try:
+                    ray.shutdown()
+                finally:
+                    if temp_dir:
+                        shutil.rmtree(temp_dir, ignore_errors=True)
+        finally:
+            if main_thread:  # the handler from before ray.init, not Ray's
+                signal.signal(signal.SIGTERM, before)
 
 
 def cluster_address(address: str | None = None) -> str | None:

@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -237,12 +239,15 @@ def main(argv: list[str] | None = None, callbacks=()) -> int:
         (exp_dir / "search.json").write_text(jsonio.dumps(record, indent=1, default=str))
         print(f"search: {space.num_samples} trials x <= {space.max_epochs} epochs, "
               f"ASHA grace {space.grace_period} / factor {space.reduction_factor:g}, -> {exp_dir}", flush=True)
+        sigint = signal.getsignal(signal.SIGINT)
         try:
             grid = tuner.fit()
         finally:
             PruneAwareOptunaSearch.study_path_on_restore = None
             ResumableLimiter.max_concurrent_on_restore = None
             PruneAwareOptunaSearch.tune_trials_on_restore = None
+            if threading.current_thread() is threading.main_thread():
+                signal.signal(signal.SIGINT, sigint)  # Tune leaves its handler, which would swallow Ctrl-C later
         wall_search = time.time() - t0
         finished = res.count_finished(grid)
         if finished < space.num_samples:  # Ctrl-C / SIGTERM: Ray saved the state and returned
@@ -268,7 +273,13 @@ def main(argv: list[str] | None = None, callbacks=()) -> int:
                         params=params, config=config, val=val)
             if space.final_seeds:
                 print(f"final: re-training trial {top['trial_id']} with seeds {list(space.final_seeds)}", flush=True)
-                finals = run_final(space, config, data, exp_dir / "final", data_fp=data_fp)
+                try:
+                    finals = run_final(space, config, data, exp_dir / "final", data_fp=data_fp)
+                except KeyboardInterrupt:
+                    print(f"{Path(sys.argv[0]).name}: interrupted during the final re-training (finished seeds "
+                          f"are kept in {exp_dir / 'final'}); continue with: python tune/search.py --resume "
+                          f"--out {exp_dir.parent} --name {exp_dir.name}", file=sys.stderr)
+                    return 130
             best["final"] = res.final_table(finals)
         ledger = res.cost_ledger(trials, space, wall_search, time.time() - t1, finals)
         md = res.write_outputs(exp_dir, space, trials, curves, best, ledger)
