@@ -134,11 +134,13 @@ def generator_graph(f_u: torch.Tensor, f_i: torch.Tensor, k: int, chunk: int = 2
     exactly tied items is kept is unspecified, as with ``torch.topk``. Timings: bench/README.md.
     Returns the normalised operators of eq. (4) (``D_u^{-1/2} G``: each user's k items,
     weights 1/sqrt(k); ``D_i^{-1/2} G^T``) with ``cols`` [|U|, k] ascending per user.
-    Raises ValueError for an unknown ``select``.
+    Raises ValueError for an unknown ``select`` or k outside 1..|I|.
     """
     if select not in ("auto", "topk", "blocked"):
         raise ValueError(f"select must be auto, topk or blocked, not {select!r}")
     n_users, n_items = f_u.shape[0], f_i.shape[0]
+    if not 1 <= k <= n_items:
+        raise ValueError(f"k must be in 1..|I| = 1..{n_items}, got {k}")
     fu, fi = F.normalize(f_u.float(), dim=1), F.normalize(f_i.float(), dim=1)
     blocked = select == "blocked" or (select == "auto" and fu.device.type == "cpu")
     if blocked:
@@ -167,8 +169,10 @@ def largest_k(x: torch.Tensor, k: int) -> torch.Tensor:
     these shapes, bench/README.md); other devices: ``torch.topk(sorted=False)``. Which of
     exactly tied entries is returned is unspecified.
     """
-    m = x.shape[1]
-    if x.device.type == "cpu" and k < m:
+    n, m = x.shape
+    if k == m:                                  # every column
+        return torch.arange(m, device=x.device).expand(n, m).contiguous()
+    if x.device.type == "cpu":
         part = np.argpartition(x.detach().contiguous().numpy(), m - k, axis=1)[:, m - k:]
         return torch.from_numpy(np.ascontiguousarray(part))
     return torch.topk(x, k, dim=1, sorted=False).indices
@@ -185,8 +189,8 @@ def blocked_topk_cols(fu: torch.Tensor, fi: torch.Tensor, k: int, chunk: int) ->
     (k to k·b per user) are packed and :func:`largest_k` picks them. Same k values as one
     ``torch.topk`` over the whole row (tests/test_rebuild.py) for about |I|/b + k·b
     comparisons per user instead of a partial sort of |I| (about 2x faster on TikTok and
-    Baby, bench/README.md). ``chunk``: users per score block [|I|, chunk]. NaN scores fall
-    back to ``torch.topk`` over whole rows for their chunk. Raises nothing beyond torch's
+    Baby, bench/README.md). ``chunk``: users per score block [|I|, chunk]. Users with NaN
+    scores fall back to ``torch.topk`` over their whole row. Raises nothing beyond torch's
     shape errors.
     """
     n_users, n_items = fu.shape[0], fi.shape[0]
@@ -211,16 +215,21 @@ def blocked_topk_cols(fu: torch.Tensor, fi: torch.Tensor, k: int, chunk: int) ->
         t = torch.gather(block_max, 1, top).amin(1, keepdim=True)      # the k-th largest block maximum
         cand = blocks[top, :, torch.arange(c, device=fu.device)[:, None]].reshape(c, k * b)
         keep = cand >= t                                               # score ≥ t: k to k·b per user
-        width = int(keep.sum(1).max())
-        if width < k:                                                  # only with NaN scores
-            cols[s:s + c] = torch.topk(users @ fi.T, k, dim=1).indices
-            continue
+        count = keep.sum(1)
+        short = count < k                                              # only rows with NaN scores
+        if bool(short.any()):
+            keep[short] = False
+            count = count.masked_fill(short, k)
+        width = int(count.max())
         pos = torch.where(keep, keep.cumsum(1) - 1, width)
         packed = torch.full((c, width + 1), -math.inf, dtype=cand.dtype, device=fu.device).scatter_(1, pos, cand)
         where = torch.zeros(c, width + 1, dtype=torch.int64, device=fu.device).scatter_(
             1, pos, arange_kb.expand(c, -1))
         j = torch.gather(where, 1, largest_k(packed[:, :width], k))
         cols[s:s + c] = torch.gather(top, 1, j // b) * b + j % b
+        if bool(short.any()):                                          # those rows: torch.topk over the whole row
+            rows = torch.nonzero(short).squeeze(1)
+            cols[s + rows] = torch.topk(users[rows] @ fi.T, k, dim=1).indices
     return cols
 
 

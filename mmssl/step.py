@@ -24,6 +24,7 @@ import torch
 
 from mmssl.config import Config
 from mmssl.data import flat_keys
+from mmssl.errors import DataError
 from mmssl.factored import (factored_discriminator_loss, factored_fake_rows, factored_generator_loss,
                             factored_real_rows)
 from mmssl.graph import batch_pairs, batch_rows
@@ -61,14 +62,19 @@ class BatchSampler:
 
     An epoch is ceil(|train| / batch_size) batches, so that it sees as many positives
     as there are train interactions. All randomness comes from ``rng`` (a numpy
-    Generator whose state is checkpointed).
+    Generator whose state is checkpointed). Users with no train item, or with every item
+    in train (no negative exists), are never sampled; raises DataError when no user is left.
     """
 
     def __init__(self, train: sp.csr_matrix, batch_size: int, rng: np.random.Generator):
         self.indptr, self.indices = train.indptr.astype(np.int64), train.indices.astype(np.int64)
         self.n_items = train.shape[1]
         self.deg = np.diff(self.indptr)
-        self.active = np.flatnonzero(self.deg > 0)
+        # a user with every item in train has no negative to draw: BPR cannot use them
+        self.active = np.flatnonzero((self.deg > 0) & (self.deg < self.n_items))
+        if not len(self.active):
+            raise DataError(f"no user has both a train item and an item left to sample as a negative "
+                            f"({train.shape[0]} users, {self.n_items} items): BPR cannot train")
         self.batch = min(batch_size, len(self.active))
         self.n_batches = max(1, math.ceil(train.nnz / batch_size))
         self.keys = flat_keys(train)                            # sorted: CSR with sorted indices

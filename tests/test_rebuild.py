@@ -89,7 +89,8 @@ def test_blocked_path_does_not_fall_back_to_whole_rows(monkeypatch):
 
     monkeypatch.setattr(torch, "topk", spy_topk)
     monkeypatch.setattr(graph, "largest_k", spy_largest)
-    fu, fi = F.normalize(torch.randn(100, 8), dim=1), F.normalize(torch.randn(900, 8), dim=1)
+    g = torch.Generator().manual_seed(0)             # its last chunk packs exactly k candidates
+    fu, fi = F.normalize(torch.randn(100, 8, generator=g), dim=1), F.normalize(torch.randn(900, 8, generator=g), dim=1)
     blocked_topk_cols(fu, fi, 9, 32)
     assert widths and max(w for _, w in widths) < 900 // 3, widths
     assert {name for name, _ in widths} == {"largest_k"}
@@ -143,11 +144,26 @@ def test_exact_ties_keep_the_same_values():
     assert torch.equal(torch.sort(torch.gather(s, 1, got), 1).values, torch.sort(want, 1).values)
 
 
-def test_nan_scores_fall_back_without_crashing():
-    fu, fi = torch.randn(10, 4), torch.randn(200, 4)
-    fi[3] = float("nan")
+def test_a_nan_user_falls_back_alone_and_the_others_stay_exact():
+    """A user whose scores are NaN gets torch.topk's answer (not one item k times); the rest of
+    its chunk keeps the blocked answer."""
+    g = torch.Generator().manual_seed(8)
+    fu, fi = torch.randn(10, 4, generator=g), torch.randn(200, 4, generator=g)
+    fu[2] = float("nan")
+    fun, fin = F.normalize(fu, dim=1), F.normalize(fi, dim=1)
+    got = blocked_topk_cols(fun, fin, 6, 10)
+    want = torch.topk(fun @ fin.T, 6, dim=1).indices
+    assert torch.equal(torch.sort(got, 1).values, torch.sort(want, 1).values)
+    assert len(set(got[2].tolist())) == 6
+    fi[3] = float("nan")                          # a NaN item: every user's row has a NaN
     got = blocked_topk_cols(F.normalize(fu, dim=1), F.normalize(fi, dim=1), 6, 4)
-    assert got.shape == (10, 6) and int(got.min()) >= 0 and int(got.max()) < 200
+    assert got.shape == (10, 6) and all(len(set(r)) == 6 for r in got.tolist())
+
+
+def test_k_outside_1_to_items_is_a_value_error():
+    for k in (0, 31):
+        with pytest.raises(ValueError, match="k must be in 1..|I|"):
+            generator_graph(torch.randn(5, 3), torch.randn(30, 3), k)
 
 
 def test_generator_graph_select_paths_agree_and_rows_ascend():

@@ -158,3 +158,20 @@ def test_cli_divergence_is_exit_3(tmp_path):
     p = _cli("--smoke-test", "--out", str(tmp_path / "d"), "--set", "lr=1e30", "--set", "epochs=2")
     assert p.returncode == 3, p.stderr[-500:]
     assert "diverged at epoch" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_sampler_skips_users_with_every_item_and_refuses_when_none_is_left():
+    """A user with every item in train has no negative to draw (the sampler used to loop forever)."""
+    import numpy as np
+    import scipy.sparse as sp
+
+    from mmssl.errors import DataError
+    from mmssl.step import BatchSampler
+
+    full_rows = sp.csr_matrix(np.array([[1, 1], [1, 0], [0, 1], [1, 1]], dtype=np.float32))
+    s = BatchSampler(full_rows, batch_size=8, rng=np.random.default_rng(0))
+    assert sorted(s.active.tolist()) == [1, 2]
+    users, pos, neg = s.sample()
+    assert sorted(users.tolist()) == [1, 2] and all(full_rows[u, n] == 0 for u, n in zip(users, neg))
+    with pytest.raises(DataError, match="no user has both a train item and an item left"):
+        BatchSampler(sp.csr_matrix(np.ones((3, 2), dtype=np.float32)), batch_size=8, rng=np.random.default_rng(0))
