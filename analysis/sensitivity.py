@@ -224,22 +224,31 @@ def _note_changed_sweep(path: Path, spec, epochs: int) -> None:
     """Keep the sweep's grids, seeds and epochs in ``path``; say which differ from the saved ones.
 
     A sweep continued with ``--resume`` from a changed file reuses the finished runs that
-    still belong to it and runs the new ones; this names the change (one line on stderr),
-    so that it is not silent. Raises nothing (an unreadable old file counts as no file).
+    still belong to it and runs the new ones; this names the change in one line on stderr
+    (hyperparameters added, removed or with other values; seeds and epochs old -> new), so
+    that it is not silent. An unreadable saved file is said and replaced. Raises nothing.
     """
     now = json.loads(json.dumps({"grids": {k: list(v) for k, v in spec.grids.items()}, "seeds": list(spec.seeds),
                                  "epochs": epochs}, default=float))
-    try:
-        before = json.loads(path.read_text())
-    except (OSError, ValueError):
-        before = None
-    if isinstance(before, dict) and before != now:
-        changed = [k for k in ("grids", "seeds", "epochs") if before.get(k) != now[k]]
-        keys = sorted(set(before.get("grids") or {}) ^ set(now["grids"])
-                      | {k for k in now["grids"] if (before.get("grids") or {}).get(k) not in (None, now["grids"][k])})
-        print(f"warning: this sweep differs from the one run before in {path.parent} ("
-              + ", ".join(changed) + (f": {', '.join(keys)}" if keys else "")
-              + "); finished runs that still belong to it are reused, the others run now", file=sys.stderr, flush=True)
+    before = None
+    if path.exists():
+        try:
+            before = json.loads(path.read_text())
+            if not (isinstance(before, dict) and isinstance(before.get("grids"), dict)):
+                raise ValueError("not a sweep record")
+        except (OSError, ValueError) as e:
+            print(f"warning: {path} could not be read ({str(e).splitlines()[0]}); it is replaced by this sweep's",
+                  file=sys.stderr, flush=True)
+            before = None
+    if before is not None and before != now:
+        old_grids, new_grids = before["grids"], now["grids"]
+        parts = [f"{k} added" for k in new_grids if k not in old_grids]
+        parts += [f"{k} removed" for k in old_grids if k not in new_grids]
+        parts += [f"{k} values {old_grids[k]} -> {new_grids[k]}" for k in new_grids
+                  if k in old_grids and old_grids[k] != new_grids[k]]
+        parts += [f"{k} {before.get(k)} -> {now[k]}" for k in ("seeds", "epochs") if before.get(k) != now[k]]
+        print(f"warning: this sweep differs from the one run before in {path.parent}: " + "; ".join(parts)
+              + ". Finished runs that still belong to it are reused, the others run now", file=sys.stderr, flush=True)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(now, indent=1))
 

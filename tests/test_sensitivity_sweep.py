@@ -84,7 +84,8 @@ def test_existing_runs_need_resume_and_are_never_rerun(swept, capsys):
     rc, out, err = _run(capsys, *swept["argv"], "--resume", "--seeds", "3")
     assert rc == 0, err
     changed = [line for line in err.splitlines() if "differs from the one run before" in line]
-    assert len(changed) == 1 and "(seeds)" in changed[0], err            # a changed sweep is not silent
+    assert len(changed) == 1 and "seeds [1, 2] -> [1, 2, 3]" in changed[0], err    # a changed sweep is not silent
+    assert "cl_weight" not in changed[0] and "dropout" not in changed[0]
     assert json.loads((swept["out"] / "sweeps" / "sweep.json").read_text())["seeds"] == [1, 2, 3]
     table = pd.read_csv(swept["out"] / "sweeps.csv")
     assert len(table) == 2 * 3 * 3
@@ -108,3 +109,23 @@ def test_part_1_alone_into_a_swept_folder_says_the_sweeps_are_not_in_the_report(
     assert rc == 0, err
     assert "sweeps.csv is from an earlier --sweep run and is not in this report" in err
     assert (swept["out"] / "sweeps.csv").read_text() == before            # kept, not lost
+
+
+def test_changed_grids_are_named_and_a_damaged_record_is_replaced(swept, capsys, tmp_path):
+    record = swept["out"] / "sweeps" / "sweep.json"
+    saved = record.read_text()
+    spec = tmp_path / "other.yaml"
+    spec.write_text("sweep:\n  dropout: {values: [0.0, 0.25]}\nseeds: 3\nepochs: 2\n"
+                    "budget: {cpus_per_run: 1, max_concurrent: 2}\n")
+    argv = [a if not a.endswith("sweep.yaml") else str(spec) for a in swept["argv"]]
+    rc, _, err = _run(capsys, *argv, "--resume")
+    assert rc == 0, err
+    line = [x for x in err.splitlines() if "differs from the one run before" in x][0]
+    assert "cl_weight removed" in line and "seeds" not in line
+    assert "dropout values [0.0, " in line and ", 0.5] -> [0.0, " in line and ", 0.25]" in line   # (+ the best value)
+    record.write_text('{"grids": ')                                   # damaged: said, then replaced
+    rc, _, err = _run(capsys, *argv, "--resume")
+    assert rc == 0 and "could not be read" in err and "differs" not in err, err
+    grids = json.loads(record.read_text())["grids"]
+    assert list(grids) == ["dropout"] and 0.25 in grids["dropout"]
+    record.write_text(saved)
