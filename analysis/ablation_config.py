@@ -157,7 +157,9 @@ def spec_from_dict(d: dict[str, Any], where: str, flags: dict[str, Any]) -> Abla
         base[key] = value
     if flags.get("epochs") is not None:
         base["epochs"] = flags["epochs"]
-    base = Config.from_dict(base, where=f"{where}: base").to_dict()
+    given = [f"--set {x}" for x in flags.get("sets", [])] + ([f"--epochs {flags['epochs']}"]
+                                                               if flags.get("epochs") is not None else [])
+    base = Config.from_dict(base, where=f"{where}: base" + (f" with {' '.join(given)}" if given else "")).to_dict()
     variants = d.get("variants")
     if variants is not None:
         variants = _variants(variants, base, where)

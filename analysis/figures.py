@@ -18,14 +18,16 @@ SIGNIFICANT, NOT_SIGNIFICANT = "#c0392b", "#7f8c8d"
 
 
 def _html(value) -> str:
-    return re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", str(value))
+    """Text for plotly: ``<``, ``>``, ``&`` escaped (plotly reads them as markup), then markdown
+    ``**bold**`` as plotly's ``<b>bold</b>``."""
+    return re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", html.escape(str(value), quote=False))
 
 
 def table_figure(table: pd.DataFrame, title: str = "") -> go.Figure:
     """A plotly table of ``table`` (index = first column, cells shown as their text; markdown
     ``**bold**`` becomes plotly's ``<b>bold</b>``)."""
-    header = [table.index.name or ""] + [" ".join(map(str, c)) if isinstance(c, tuple) else str(c)
-                                         for c in table.columns]
+    header = [_html(table.index.name or "")] + [_html(" ".join(map(str, c)) if isinstance(c, tuple) else c)
+                                                for c in table.columns]
     cells = [list(map(_html, table.index))] + [list(map(_html, table[c])) for c in table.columns]
     fig = go.Figure(go.Table(header={"values": header, "align": "left", "fill_color": "#eaeef2"},
                              cells={"values": cells, "align": "left"}))
@@ -55,7 +57,7 @@ def difference_figure(stats: pd.DataFrame, metrics: list[str], labels: dict[str,
                 part = sub[sub["significant"] == sig]
                 x = part["mean_diff_users"].to_numpy(float)
                 fig.add_trace(go.Scatter(
-                    x=x, y=list(part["variant"]), mode="markers", marker={"color": color, "size": 9},
+                    x=x, y=[_html(v) for v in part["variant"]], mode="markers", marker={"color": color, "size": 9},
                     name=name, legendgroup=name, showlegend=(r == 1 and c == 1),
                     error_x={"type": "data", "symmetric": False,
                              "array": _nz(part["ci_high"].to_numpy(float) - x),
@@ -65,7 +67,7 @@ def difference_figure(stats: pd.DataFrame, metrics: list[str], labels: dict[str,
                                   "p seeds (Holm) %{customdata[2]:.3g}, p users (Holm) %{customdata[3]:.3g}"
                                   "<extra></extra>"), row=r, col=c)
             fig.add_vline(x=0, line_dash="dash", line_color="#555", row=r, col=c)
-            order = [v for v in dict.fromkeys(stats["variant"]) if v != reference]
+            order = [_html(v) for v in dict.fromkeys(stats["variant"]) if v != reference]
             fig.update_yaxes(categoryorder="array", categoryarray=order, autorange="reversed", row=r, col=c)
             fig.update_xaxes(title_text=f"Δ {labels.get(m, m)} vs {reference} (95% CI)", row=r, col=c)
     n_var = max(1, stats["variant"].nunique() - 1)

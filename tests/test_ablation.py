@@ -179,6 +179,15 @@ def test_resume_after_interruption(how, ray_local, tmp_path, monkeypatch, reques
            f"python analysis/ablation.py --resume --out {tmp_path} --name r" in md
 
 
+def test_a_rule_broken_by_set_names_the_flag(tmp_path, capsys):
+    cfg = _write(tmp_path / "ok.yaml", SPEC)
+    rc = run_main(ablation.main, ["--config", str(cfg), "--out", str(tmp_path), "--set", "embed_dim=30"],
+                  prog="ablation")
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1
+    assert f"{cfg}: base with --set embed_dim=30: 'n_heads' must divide embed_dim=30" in err, err
+
+
 def test_an_empty_file_and_a_single_seed_are_warned_about(tmp_path, capsys):
     empty = tmp_path / "empty.yaml"
     empty.write_text("# nothing yet\n")
@@ -345,3 +354,18 @@ def test_resume_with_a_different_config_file_is_refused(done, tmp_path, capsys):
                   prog="ablation")
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and "differs from it in seeds" in err, err
+
+
+def test_variant_names_are_text_not_markup_in_the_html_figures():
+    """A variant called ``a <b>x</b> & y`` shows as that text: plotly would render the tags."""
+    from analysis.figures import difference_figure, table_figure
+
+    name = "a <b>x</b> & y"
+    fig = table_figure(pd.DataFrame({"m": ["**0.1**", "0.2"]}, index=pd.Index(["full", name], name="variant")))
+    assert fig.data[0].cells.values[0][1] == "a &lt;b&gt;x&lt;/b&gt; &amp; y"
+    assert fig.data[0].cells.values[1][0] == "<b>0.1</b>"                  # our own bold still works
+    stats = pd.DataFrame([dict(dataset="d", variant=v, metric="test/recall@20", mean_diff_users=0.01, ci_low=0.0,
+                               ci_high=0.02, significant=False, p_seeds_holm=0.5, p_users_holm=0.5)
+                          for v in ("full", name)])
+    fig = difference_figure(stats, ["test/recall@20"])
+    assert "a &lt;b&gt;x&lt;/b&gt; &amp; y" in [y for t in fig.data for y in (t.y or ())]
