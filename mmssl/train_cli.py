@@ -41,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
                 formatter_class=argparse.RawDescriptionHelpFormatter,
                 epilog="Config keys and paper symbols: see README.md (e.g. --set lambda2=0.1 == --set cl_weight=0.1).")
     p.add_argument("--data", default=None,
-                   help="data directory (MMSSL json or MMRec .inter layout) or 'synthetic' (default)")
+                   help="data directory (MMSSL json or MMRec .inter layout), 'synthetic' (default, the embedded "
+                        "set) or 'synthetic:UxI' (a generated one of U users and I items)")
     p.add_argument("--out", help="run folder to create (required unless --resume)")
     p.add_argument("--config", help="YAML config file (default: built-in defaults = configs/mmssl.yaml)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -97,7 +98,15 @@ def load_data(source: str, subset_users: int | None):
     from mmssl.data import load
     from mmssl.synthetic import make_dataset
 
-    data = make_dataset(n_users=300, n_items=200, seed=0) if source == "synthetic:smoke" else load(source)
+    if source == "synthetic:smoke":
+        data = make_dataset(n_users=300, n_items=200, seed=0)
+    elif source.startswith("synthetic:"):  # synthetic:UxI, as tune/search.py and analysis/ablation.py take it
+        users, sep, items = source.split(":", 1)[1].partition("x")
+        if not (sep and users.isdigit() and items.isdigit() and int(users) >= 2 and int(items) >= 2):
+            raise ConfigError(f"--data {source}: expected synthetic:UxI with U, I >= 2 (e.g. synthetic:300x200)")
+        data = make_dataset(n_users=int(users), n_items=int(items), seed=0)
+    else:
+        data = load(source)
     if subset_users:
         data = data.subset_users(subset_users, seed=0)
     return data

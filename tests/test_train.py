@@ -139,12 +139,19 @@ def _cli(*args, cwd=ROOT):
     (["--out", "{tmp}/x", "--epochs", "many"], "--epochs"),
     (["--resume", "{tmp}"], "resum"),
     (["--out", "{tmp}/x", "--set", "modalities=[nope]"], "nope"),
+    (["--out", "{tmp}/x", "--data", "synthetic:60y40"], "expected synthetic:UxI"),
 ])
 def test_cli_bad_input_is_one_line_exit_2(tmp_path, args, needle):
     p = _cli(*[a.format(tmp=tmp_path) for a in args])
     assert p.returncode == 2, p.stderr
     assert len(p.stderr.strip().splitlines()) == 1 and "Traceback" not in p.stderr
     assert needle in p.stderr
+
+
+def test_cli_takes_a_generated_synthetic_set_like_search_and_ablation(tmp_path):
+    assert main(["--data", "synthetic:60x40", "--epochs", "1", "--out", str(tmp_path / "s"), "--quiet"]) == 0
+    result = json.loads((tmp_path / "s" / "result.json").read_text())
+    assert result["best_epoch"] == 1
 
 
 def test_cli_refuses_to_overwrite_a_run(tmp_path):
