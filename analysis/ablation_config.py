@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +37,7 @@ import yaml
 
 from mmssl.config import Config, canonical_key, parse_override
 from mmssl.errors import ConfigError
+from mmssl.synthetic import generated_size
 
 TOP_KEYS = ("datasets", "base", "variants", "seeds", "resources", "stats", "out", "name")
 BASE_KEYS = ("config", "set", "epochs", "patience")
@@ -54,7 +54,6 @@ DEFAULT_VARIANTS: dict[str, dict[str, Any]] = {
     "w/o modal-ID views": {"modal_id_weight": 0.0},
     "ID-only": {"modalities": []},
 }
-SYNTH_RE = re.compile(r"synthetic(:[1-9]\d*x[1-9]\d*)?")
 
 
 @dataclass
@@ -240,7 +239,7 @@ def _datasets(value: Any, where: str) -> list[DataSpec]:
                               "with data (and subset_users, name)")
         data = str(item["data"])
         if data.startswith("synthetic"):
-            if not SYNTH_RE.fullmatch(data):
+            if data != "synthetic" and generated_size(data) is None:
                 raise ConfigError(f"{w}: expected 'synthetic' or 'synthetic:<users>x<items>', got {data!r}")
         elif not Path(data).is_dir():
             raise ConfigError(f"{w}: {data}: " + ("not a directory" if Path(data).exists() else "no such data directory"))

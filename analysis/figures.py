@@ -29,9 +29,11 @@ def table_figure(table: pd.DataFrame, title: str = "") -> go.Figure:
     header = [_html(table.index.name or "")] + [_html(" ".join(map(str, c)) if isinstance(c, tuple) else c)
                                                 for c in table.columns]
     cells = [list(map(_html, table.index))] + [list(map(_html, table[c])) for c in table.columns]
-    fig = go.Figure(go.Table(header={"values": header, "align": "left", "fill_color": "#eaeef2"},
-                             cells={"values": cells, "align": "left"}))
-    fig.update_layout(title=title or None, height=70 + 24 * (len(table) + 1), margin={"l": 10, "r": 10, "t": 40, "b": 10})
+    row = 28  # px per row, header included; the figure is as tall as its rows (plotly clips otherwise)
+    fig = go.Figure(go.Table(header={"values": header, "align": "left", "fill_color": "#eaeef2", "height": row},
+                             cells={"values": cells, "align": "left", "height": row}))
+    fig.update_layout(title=title or None, height=70 + row * (len(table) + 1) + 20,
+                      margin={"l": 10, "r": 10, "t": 40, "b": 10})
     return fig
 
 

@@ -138,7 +138,7 @@ def generator_graph(f_u: torch.Tensor, f_i: torch.Tensor, k: int, chunk: int = 2
     """
     if select not in ("auto", "topk", "blocked"):
         raise ValueError(f"select must be auto, topk or blocked, not {select!r}")
-    n_users, n_items = f_u.shape[0], f_i.shape[0]
+    n_items = f_i.shape[0]
     if not 1 <= k <= n_items:
         raise ValueError(f"k must be in 1..|I| = 1..{n_items}, got {k}")
     fu, fi = F.normalize(f_u.float(), dim=1), F.normalize(f_i.float(), dim=1)
@@ -147,11 +147,17 @@ def generator_graph(f_u: torch.Tensor, f_i: torch.Tensor, k: int, chunk: int = 2
         chunk = max(1, min(chunk, REBUILD_CACHE_ELEMENTS // max(1, n_items)))
         cols = blocked_topk_cols(fu, fi, k, chunk)
     else:
-        fi_t = fi.T.contiguous()
-        cols = torch.empty(n_users, k, dtype=torch.int64, device=f_u.device)
-        for s in range(0, n_users, chunk):
-            cols[s:s + chunk] = torch.topk(fu[s:s + chunk] @ fi_t, k, dim=1).indices
+        cols = _topk_cols(fu, fi, k, chunk)
     return modality_id_operators(cols, n_items)
+
+
+def _topk_cols(fu: torch.Tensor, fi: torch.Tensor, k: int, chunk: int) -> torch.Tensor:
+    """Top-k columns of fu fiᵀ [|U|, k]: ``torch.topk`` over whole [chunk, |I|] score blocks."""
+    fi_t = fi.T.contiguous()
+    cols = torch.empty(fu.shape[0], k, dtype=torch.int64, device=fu.device)
+    for s in range(0, fu.shape[0], chunk):
+        cols[s:s + chunk] = torch.topk(fu[s:s + chunk] @ fi_t, k, dim=1).indices
+    return cols
 
 
 def block_size(n_items: int, k: int) -> int:
@@ -165,8 +171,8 @@ def block_size(n_items: int, k: int) -> int:
 def largest_k(x: torch.Tensor, k: int) -> torch.Tensor:
     """Column indices [n, k] of the k largest entries of each row of ``x`` [n, m], in no particular order.
 
-    CPU: ``numpy.argpartition`` (introselect; measured 4-7x faster than ``torch.topk`` for
-    these shapes, bench/README.md); other devices: ``torch.topk(sorted=False)``. Which of
+    CPU: ``numpy.argpartition`` (introselect; 3.7x faster than ``torch.topk(sorted=False)``
+    for Baby's 148 x 705 block maxima, bench/README.md); other devices: ``torch.topk(sorted=False)``. Which of
     exactly tied entries is returned is unspecified.
     """
     n, m = x.shape
@@ -195,10 +201,8 @@ def blocked_topk_cols(fu: torch.Tensor, fi: torch.Tensor, k: int, chunk: int) ->
     """
     n_users, n_items = fu.shape[0], fi.shape[0]
     b = block_size(n_items, k)
-    if b == 1:
-        fi_t = fi.T.contiguous()
-        return torch.cat([torch.topk(fu[s:s + chunk] @ fi_t, k, dim=1).indices for s in range(0, n_users, chunk)]) \
-            if n_users else torch.empty(0, k, dtype=torch.int64, device=fu.device)
+    if b == 1:                                                        # no blocking possible
+        return _topk_cols(fu, fi, k, chunk)
     nb = -(-n_items // b)
     fi_pad = torch.zeros(nb * b, fi.shape[1], dtype=fi.dtype, device=fi.device)
     fi_pad[:n_items] = fi
@@ -229,7 +233,7 @@ def blocked_topk_cols(fu: torch.Tensor, fi: torch.Tensor, k: int, chunk: int) ->
         cols[s:s + c] = torch.gather(top, 1, j // b) * b + j % b
         if bool(short.any()):                                          # those rows: torch.topk over the whole row
             rows = torch.nonzero(short).squeeze(1)
-            cols[s + rows] = torch.topk(users[rows] @ fi.T, k, dim=1).indices
+            cols[s + rows] = _topk_cols(users[rows], fi, k, len(rows))
     return cols
 
 

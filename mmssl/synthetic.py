@@ -39,6 +39,7 @@ import functools
 import inspect
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -212,6 +213,14 @@ def _describe(fn, args: dict, always: tuple[str, ...]) -> str:
 @functools.lru_cache(maxsize=1)
 def _default() -> Dataset:
     return make_dataset()
+
+
+def generated_size(spec: str) -> tuple[int, int] | None:
+    """(U, I) of a data spec ``synthetic:<U>x<I>`` (U, I >= 1, no leading zeros); None for any
+    other string (a directory, ``synthetic`` alone, or a malformed spec). The one parser of this
+    form: ``mmssl.train``, ``tune/search.py``, the search space and the ablation config use it."""
+    m = re.fullmatch(r"synthetic:([1-9]\d*)x([1-9]\d*)", spec)
+    return (int(m.group(1)), int(m.group(2))) if m else None
 
 
 def default_dataset() -> Dataset:

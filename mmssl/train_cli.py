@@ -96,15 +96,15 @@ def _resolve(args) -> tuple[Config, str, Path, bool]:
 
 def load_data(source: str, subset_users: int | None):
     from mmssl.data import load
-    from mmssl.synthetic import make_dataset
+    from mmssl.synthetic import generated_size, make_dataset
 
     if source == "synthetic:smoke":
         data = make_dataset(n_users=300, n_items=200, seed=0)
     elif source.startswith("synthetic:"):  # synthetic:UxI, as tune/search.py and analysis/ablation.py take it
-        users, sep, items = source.split(":", 1)[1].partition("x")
-        if not (sep and users.isdigit() and items.isdigit() and int(users) >= 2 and int(items) >= 2):
-            raise ConfigError(f"--data {source}: expected synthetic:UxI with U, I >= 2 (e.g. synthetic:300x200)")
-        data = make_dataset(n_users=int(users), n_items=int(items), seed=0)
+        size = generated_size(source)
+        if size is None:
+            raise ConfigError(f"--data {source}: expected synthetic:UxI (e.g. synthetic:300x200)")
+        data = make_dataset(n_users=size[0], n_items=size[1], seed=0)
     else:
         data = load(source)
     if subset_users:

@@ -225,3 +225,12 @@ def test_cli_help():
 
 def test_module_docstring_says_how_to_run():
     assert "python -m mmssl.synthetic --out" in synthetic.__doc__
+
+
+def test_generated_size_is_the_one_parser_of_synthetic_specs():
+    from mmssl.synthetic import generated_size
+
+    assert generated_size("synthetic:300x200") == (300, 200)
+    for bad in ("synthetic", "synthetic:300", "synthetic:0x5", "synthetic:05x5", "synthetic:3x5x", "data/tiktok",
+                "synthetic:3 x5"):
+        assert generated_size(bad) is None, bad

@@ -175,11 +175,11 @@ def _plain_list(v):
 def load_data(space):
     """The data set of this search (loaded once, by the driver)."""
     from mmssl.data import load
-    from mmssl.synthetic import make_dataset
+    from mmssl.synthetic import generated_size, make_dataset
 
-    if space.data.startswith("synthetic:"):
-        users, _, items = space.data.split(":", 1)[1].partition("x")
-        data = make_dataset(n_users=int(users), n_items=int(items), seed=space.seed)
+    size = generated_size(space.data)
+    if size is not None:  # tune.space checked the form
+        data = make_dataset(n_users=size[0], n_items=size[1], seed=space.seed)
     else:
         data = load(space.data)
     if space.subset_users:

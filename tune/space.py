@@ -36,6 +36,7 @@ from optuna.distributions import (BaseDistribution, CategoricalDistribution, Flo
 
 from mmssl.config import Config, canonical_key, coerce_value, parse_override, read_yaml_mapping
 from mmssl.errors import ConfigError
+from mmssl.synthetic import generated_size
 
 TOP_KEYS = ("data", "subset_users", "fixed", "search", "metric", "budget", "asha", "final", "tpe",
             "seed", "name", "out")
@@ -425,7 +426,7 @@ def _check_whole(space: Space) -> None:
     if not isinstance(space.metric, str) or not METRIC_RE.match(space.metric):
         raise ConfigError(f"{w}: metric: expected val/<recall|ndcg|precision|hit>@<10|20|50>, "
                           f"got {space.metric!r}")
-    if space.data.startswith("synthetic:") and not re.fullmatch(r"synthetic:[1-9]\d*x[1-9]\d*", space.data):
+    if space.data.startswith("synthetic:") and generated_size(space.data) is None:
         raise ConfigError(f"{w}: data: expected 'synthetic', 'synthetic:<users>x<items>' or a directory, "
                           f"got {space.data!r}")
     if "/" in space.name or "\\" in space.name or space.name.strip() in ("", ".", ".."):
